@@ -1,0 +1,37 @@
+"""Connecting to Ray: an existing cluster when one is configured, else a local one."""
+
+from __future__ import annotations
+
+import os
+
+import ray
+
+# Environment every Ray worker of a raylm job needs.
+WORKER_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "TOKENIZERS_PARALLELISM": "false",
+    # CPU-only nodes: make DeepSpeed pick its CPU accelerator instead of probing for CUDA.
+    **({"DS_ACCELERATOR": os.environ["DS_ACCELERATOR"]} if "DS_ACCELERATOR" in os.environ else {}),
+}
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connect once per process.
+
+    `address` (or RAY_ADDRESS) joins a running cluster; that is also how jobs started by
+    `ray job submit` attach to theirs. Without one, start a local Ray. A small machine gets at least
+    4 logical CPUs, so that 2 training workers plus the Ray Data/driver tasks can be scheduled.
+    """
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    runtime_env = {"env_vars": WORKER_ENV}
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        return
+    ray.init(
+        num_cpus=num_cpus or max(4, os.cpu_count() or 1),
+        include_dashboard=False,
+        runtime_env=runtime_env,
+        log_to_driver=True,
+    )

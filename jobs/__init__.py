@@ -1,0 +1,1 @@
+"""One module per stage; each runs as `python -m jobs.<stage> --config FILE.yaml`."""
