@@ -297,6 +297,9 @@ def train_loop_per_worker(config: dict) -> None:
             engine.step()
             loss_sum += loss.detach().float().cpu()
         dist.all_reduce(loss_sum)
+        if not torch.isfinite(loss_sum).all():
+            ray.train.report({"step": step + 1, "loss": float(loss_sum), "diverged": True})
+            raise FloatingPointError(f"training diverged: loss is {float(loss_sum)} at step {step + 1}")
         step += 1
         dt = time.perf_counter() - t0
         rec = {
@@ -363,43 +366,59 @@ def latest_checkpoint(run_dir: str) -> str:
     raise FileNotFoundError(f"run: no complete checkpoint under {run_dir!r}")
 
 
-def run(cfg: PretrainConfig) -> dict:
+def prepare_run(cfg: PretrainConfig) -> tuple[PretrainConfig, dict, ModelConfig]:
+    """Absolute paths (workers run elsewhere), the data manifest and the resolved model config."""
+    cfg = cfg.model_copy(update={"data": storage.absolute(cfg.data), "output": storage.absolute(cfg.output)})
+    manifest = load_manifest(cfg.data)
+    return cfg, manifest, resolve_model(cfg, manifest)
+
+
+def make_trainer(cfg: PretrainConfig, manifest: dict, mcfg: ModelConfig, callbacks: list | None = None,
+                 loop=None, extra_config: dict | None = None):
+    """The TorchTrainer of one run. Tune trials and post-training jobs build theirs here too."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from cluster.ray_utils import init_ray
-
-    cfg = cfg.model_copy(update={"data": storage.absolute(cfg.data), "output": storage.absolute(cfg.output)})
-    manifest = load_manifest(cfg.data)
-    mcfg = resolve_model(cfg, manifest)
-    init_ray()
     out_fs, out_path = storage.resolve(cfg.output)
-    storage.makedirs(cfg.output)
-    storage.write_text(storage.join(cfg.output, "config.json"), json.dumps(cfg.resolved(), indent=2))
-    print(f"model: {mcfg.num_params() / 1e6:.2f} M parameters, {mcfg.flops_per_token(manifest['seq_len']) / 1e6:.1f} "
-          f"MFLOP/token; {cfg.num_workers} workers, ZeRO-{cfg.zero_stage}, grad accum {cfg.grad_accum}")
-    trainer = TorchTrainer(
-        train_loop_per_worker,
+    return TorchTrainer(
+        loop or train_loop_per_worker,
         train_loop_config={
             "cfg": cfg.resolved(), "model": mcfg.model_dump(mode="json"), "manifest": manifest,
             "manifest_sha256": storage.sha256_bytes(storage.read_bytes(storage.join(cfg.data, "manifest.json"))),
             "tokenizer_json": storage.read_text(storage.join(cfg.data, manifest["tokenizer"])),
+            **(extra_config or {}),
         },
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=ray.train.RunConfig(
-            name=Path(out_path).name,
+            name=posixpath.basename(out_path),
             storage_path=posixpath.dirname(out_path),
             storage_filesystem=out_fs,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-            worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(cfg.cpus_per_worker)}},
+            callbacks=callbacks,
+            worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(cfg.cpus_per_worker), "PYTHONWARNINGS": "ignore"}},
         ),
     )
-    result = trainer.fit()
+
+
+def read_history(ckpt: str) -> list[dict]:
+    return [json.loads(x) for x in storage.read_text(storage.join(ckpt, "metrics.jsonl")).splitlines() if x]
+
+
+def run(cfg: PretrainConfig) -> dict:
+    from cluster.ray_utils import init_ray
+
+    cfg, manifest, mcfg = prepare_run(cfg)
+    init_ray()
+    storage.makedirs(cfg.output)
+    storage.write_text(storage.join(cfg.output, "config.json"), json.dumps(cfg.resolved(), indent=2))
+    print(f"model: {mcfg.num_params() / 1e6:.2f} M parameters, {mcfg.flops_per_token(manifest['seq_len']) / 1e6:.1f} "
+          f"MFLOP/token; {cfg.num_workers} workers, ZeRO-{cfg.zero_stage}, grad accum {cfg.grad_accum}")
+    result = make_trainer(cfg, manifest, mcfg).fit()
     ck = latest_checkpoint(cfg.output)
-    history = [json.loads(x) for x in storage.read_text(storage.join(ck, "metrics.jsonl")).splitlines() if x]
+    history = read_history(ck)
     storage.write_text(storage.join(cfg.output, "metrics.jsonl"), "".join(json.dumps(h) + "\n" for h in history))
     plot_losses(history, manifest.get("unigram_val_loss"), storage.join(cfg.output, "loss.png"))
     final = next(h for h in reversed(history) if "val_loss" in h)
