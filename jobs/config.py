@@ -103,7 +103,8 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 
 def main(cls: type[C], run: Callable[[C], Any], argv: list[str] | None = None,
          extra_args: Callable[[argparse.ArgumentParser], None] | None = None,
-         flag_overrides: Callable[[argparse.Namespace], dict] | None = None) -> Any:
+         flag_overrides: Callable[[argparse.Namespace], dict] | None = None,
+         run_kwargs: Callable[[argparse.Namespace], dict] | None = None) -> Any:
     """The `python -m jobs.<kind> --config FILE [--set key=value ...]` entry point of every job."""
     kind = job_kind(cls)
     parser = argparse.ArgumentParser(prog=f"python -m jobs.{kind}", description=(cls.__doc__ or "").strip())
@@ -121,4 +122,4 @@ def main(cls: type[C], run: Callable[[C], Any], argv: list[str] | None = None,
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    return run(cfg)
+    return run(cfg, **(run_kwargs(args) if run_kwargs else {}))
