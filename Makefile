@@ -13,13 +13,17 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
+	$(PY) -m pip install -q "$(TORCH)" 2>&1 | grep -v "is ignored" || true
+	$(PY) -m pip install -q -e '.[dev]' 2>&1 | grep -v "is ignored" || true
+	$(PY) -c "import torch, ray, deepspeed, model, jobs"
 	rm -f $(VENV)/.installed-* && touch $@
 
 demo: $(STAMP)
-	$(PY) -m jobs.demo --config configs/demo.yaml
+	$(PY) -m jobs.prepare  --config configs/demo.yaml
+	$(PY) -m jobs.pretrain --config configs/demo.yaml
+	$(PY) -m jobs.generate --config configs/demo.yaml
+	@echo "run directory: $(CURDIR)/runs/demo/pretrain (metrics.jsonl, loss.png, tensorboard/, checkpoint_*/)"
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -390,11 +390,10 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = GPT(mcfg)
     if cfg.init_from and state is None:
-        from jobs.export import load_pretrained, load_state
+        from jobs.export import load_pretrained, load_state, same_architecture
 
         init_cfg, sd = load_pretrained(cfg.init_from)
-        if init_cfg.model_copy(update={"vocab_size": mcfg.vocab_size, "max_seq_len": mcfg.max_seq_len,
-                                       "activation_checkpointing": mcfg.activation_checkpointing}) != mcfg:
+        if not same_architecture(init_cfg, mcfg, ignore=("max_seq_len", "activation_checkpointing")):
             raise ValueError(f"init_from: {cfg.init_from} has a different architecture than `model`")
         load_state(model, sd, source=cfg.init_from)
     optimizer = torch.optim.AdamW(model.optim_groups(cfg.weight_decay), lr=cfg.lr,
@@ -473,7 +472,8 @@ def train_loop_per_worker(config: dict) -> None:
     if rank == 0:
         from ray.experimental.tqdm_ray import tqdm
 
-        progress = tqdm(total=cfg.max_steps, desc="pretrain", initial=step)
+        progress = tqdm(total=cfg.max_steps, desc="pretrain")
+        progress.update(step)
     engine.train()
     while step < cfg.max_steps:
         t0 = time.perf_counter()
