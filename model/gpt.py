@@ -65,9 +65,9 @@ class ModelConfig(BaseModel):
         if isinstance(data, dict) and "preset" in data:
             data = dict(data)
             name = data.pop("preset")
+            known = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
             path = PRESETS_DIR / f"{name}.yaml"
-            if not path.is_file():
-                known = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+            if name not in known:  # a name, never a path: "../x" must not read other files
                 raise ValueError(f"preset: unknown model preset {name!r}; known presets: {known}")
             data = {**yaml.safe_load(path.read_text()), **data}
         return data

@@ -1,0 +1,304 @@
+"""`raylm`: serve the control API, talk to it, or run a job locally without it.
+
+    raylm serve --port 8000
+    raylm submit configs/demo.yaml --kind prepare --wait --follow
+    raylm list --status RUNNING
+    raylm status ID; raylm logs ID -f; raylm stop ID
+    raylm run configs/demo.yaml --kind prepare        # local, no service
+
+The client commands read RAYLM_URL and RAYLM_TOKEN (or --url/--token).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+import yaml
+
+app = typer.Typer(help="raylm: build LLMs on a Ray cluster. Serve the control API, submit and follow jobs.",
+                  no_args_is_help=True, add_completion=False)
+
+Url = Annotated[str, typer.Option(envvar="RAYLM_URL", help="Control API URL.")]
+Token = Annotated[Optional[str], typer.Option(envvar="RAYLM_TOKEN", help="Bearer token of your tenant.")]
+Json = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+Kind = Annotated[Optional[str], typer.Option(help="Which job of a pipeline file (a section name).")]
+Sets = Annotated[Optional[list[str]], typer.Option("--set", help="Override a key: KEY=VALUE (dotted).")]
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def _client(url: str, token: str | None):
+    from service.client import Client
+
+    return Client(url, token)
+
+
+def _fail(msg: str, code: int = 1) -> None:
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(code)
+
+
+def spec_from_file(path: Path, kind: str | None, sets: list[str] | None = None) -> dict:
+    """One job's spec from a job file (with `kind:`) or a pipeline file (a section per job)."""
+    from jobs.config import ConfigError, parse_overrides, set_dotted
+
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        _fail(f"{path}: {e}")
+    if not isinstance(data, dict):
+        _fail(f"{path}: expected a mapping at the top level")
+    if "kind" in data:
+        if kind and kind != data["kind"]:
+            _fail(f"{path}: kind is {data['kind']!r}, not {kind!r}")
+        spec = dict(data)
+    else:
+        sections = [k for k, v in data.items() if isinstance(v, dict)]
+        if kind is None and len(sections) == 1:
+            kind = sections[0]
+        if kind is None:
+            _fail(f"{path} is a pipeline file with jobs {sections}; pick one with --kind")
+        if not isinstance(data.get(kind), dict):
+            _fail(f"{path}: no section {kind!r} (sections: {sections})")
+        spec = {"kind": kind, **data[kind]}
+    try:
+        for key, value in parse_overrides(sets or []).items():
+            set_dotted(spec, key, value)
+    except ConfigError as e:
+        _fail(str(e))
+    return spec
+
+
+def _api_errors(fn):
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*a, **kw):
+        import httpx
+
+        from service.client import APIError
+
+        try:
+            return fn(*a, **kw)
+        except APIError as e:
+            _fail(e.message, 2 if e.status in (401, 404, 409, 422, 429) else 1)
+        except httpx.TransportError as e:
+            _fail(f"cannot reach the control API: {e}")
+
+    return wrapper
+
+
+def _ts(t: float | None) -> str:
+    return datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S") if t else "-"
+
+
+def _print_json(obj: Any) -> None:
+    typer.echo(json.dumps(obj.model_dump(mode="json") if hasattr(obj, "model_dump") else obj, indent=2))
+
+
+def _jobs_table(items) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table()
+    # ids and statuses are what people copy and grep: never squeezed; the message gives way first
+    t.add_column("ID", no_wrap=True, min_width=16)
+    t.add_column("KIND", no_wrap=True, min_width=8)
+    t.add_column("STATUS", no_wrap=True, min_width=9)
+    t.add_column("CREATED", no_wrap=True, min_width=19)
+    t.add_column("RUN (s)", no_wrap=True, justify="right", min_width=7)
+    t.add_column("MESSAGE", overflow="ellipsis", no_wrap=True, ratio=1)
+    for j in items:
+        run = j.timings.run_s
+        t.add_row(j.id, j.kind, j.status, _ts(j.timings.created_at), f"{run:.1f}" if run else "-",
+                  (j.message or "")[:60])
+    Console().print(t)
+
+
+def _follow(c, job_id: str) -> None:
+    for chunk in c.logs(job_id, follow=True):
+        sys.stdout.write(chunk)
+        sys.stdout.flush()
+
+
+@app.command()
+def serve(host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+          port: Annotated[int, typer.Option(help="Port.")] = 8000,
+          workers: Annotated[int, typer.Option(help="uvicorn worker processes.")] = 1) -> None:
+    """Serve the control API (settings from RAYLM_* variables; see docs/api.md)."""
+    import uvicorn
+
+    uvicorn.run("service.main:app", host=host, port=port, workers=workers)
+
+
+@app.command()
+@_api_errors
+def submit(file: Annotated[Path, typer.Argument(help="Job YAML (with kind:) or pipeline YAML (with --kind).")],
+           kind: Kind = None, set_: Sets = None,
+           wait: Annotated[bool, typer.Option("--wait", help="Wait for the job to end.")] = False,
+           follow: Annotated[bool, typer.Option("--follow", "-f", help="Stream the log until the job ends.")] = False,
+           idempotency_key: Annotated[Optional[str], typer.Option(help="Resubmitting with it returns the same job.")] = None,
+           url: Url = DEFAULT_URL, token: Token = None, json_: Json = False) -> None:
+    """Submit a job to the control API."""
+    spec = spec_from_file(file, kind, set_)
+    with _client(url, token) as c:
+        job = c.submit(spec, idempotency_key=idempotency_key)
+        if not json_:
+            typer.echo(f"submitted {job.kind} job {job.id} ({job.status})", err=True)
+        if follow:
+            _follow(c, job.id)
+        if wait or follow:
+            status = c.wait(job.id)
+            job = c.get(job.id)
+        if json_:
+            _print_json(job)
+        elif wait or follow:
+            typer.echo(f"job {job.id}: {status}" + (f" ({job.message})" if job.message and status != "SUCCEEDED" else ""))
+        else:
+            typer.echo(job.id)
+        if (wait or follow) and job.status != "SUCCEEDED":
+            raise typer.Exit(1)
+
+
+@app.command("list")
+@_api_errors
+def list_(kind: Annotated[Optional[str], typer.Option(help="Only this kind.")] = None,
+          status: Annotated[Optional[str], typer.Option(help="Only this status.")] = None,
+          limit: int = 50, offset: int = 0, url: Url = DEFAULT_URL, token: Token = None, json_: Json = False) -> None:
+    """List your jobs, newest first."""
+    with _client(url, token) as c:
+        page = c.list(kind=kind, status=status, limit=limit, offset=offset)
+    if json_:
+        _print_json(page)
+    else:
+        _jobs_table(page.items)
+        typer.echo(f"{len(page.items)} of {page.total}")
+
+
+@app.command()
+@_api_errors
+def status(job_id: str, url: Url = DEFAULT_URL, token: Token = None, json_: Json = False) -> None:
+    """A job's status, history, timings, metrics, lineage and artifacts."""
+    with _client(url, token) as c:
+        job = c.get(job_id)
+    if json_:
+        _print_json(job)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console()
+    con.print(f"[bold]{job.id}[/bold]  {job.kind}  [bold]{job.status}[/bold]  {job.message or ''}")
+    t = Table("STATUS", "AT", "MESSAGE", title="history")
+    for e in job.history:
+        t.add_row(e.status, _ts(e.at), (e.message or "")[:80])
+    con.print(t)
+    tm = job.timings
+    con.print(f"queued {tm.queued_s or 0:.1f}s, ran {tm.run_s or 0:.1f}s; resources {job.resources}")
+    if job.metrics:
+        con.print(f"last metrics: {job.metrics}")
+    for k, v in job.lineage.items():
+        con.print(f"lineage {k}: {v}")
+    if job.artifacts and job.artifacts.output:
+        a = job.artifacts
+        con.print(f"output {a.output}: {len(a.checkpoints)} checkpoints, {len(a.manifests)} manifests, "
+                  f"{len(a.metrics)} metrics, {len(a.plots)} plots, {len(a.other)} other files")
+
+
+@app.command()
+@_api_errors
+def logs(job_id: str, follow: Annotated[bool, typer.Option("--follow", "-f", help="Stream until the job ends.")] = False,
+         tail: Annotated[Optional[int], typer.Option(help="Only the last N lines.")] = None,
+         url: Url = DEFAULT_URL, token: Token = None) -> None:
+    """Print a job's log."""
+    with _client(url, token) as c:
+        for chunk in c.logs(job_id, follow=follow, tail=tail):
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+
+
+@app.command()
+@_api_errors
+def stop(job_id: str, url: Url = DEFAULT_URL, token: Token = None, json_: Json = False) -> None:
+    """Stop a job."""
+    with _client(url, token) as c:
+        job = c.stop(job_id)
+    _print_json(job) if json_ else typer.echo(f"stopping {job.id} ({job.status})")
+
+
+@app.command()
+@_api_errors
+def delete(job_id: str, url: Url = DEFAULT_URL, token: Token = None) -> None:
+    """Delete an ended job's record (outputs and the archived log stay)."""
+    with _client(url, token) as c:
+        c.delete(job_id)
+    typer.echo(f"deleted {job_id}")
+
+
+@app.command()
+@_api_errors
+def artifacts(job_id: str, url: Url = DEFAULT_URL, token: Token = None, json_: Json = False) -> None:
+    """A job's checkpoints, manifests, metrics, plots and log."""
+    with _client(url, token) as c:
+        a = c.artifacts(job_id)
+    if json_:
+        _print_json(a)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table("TYPE", "PATH", "SIZE")
+    for ck in a.checkpoints:
+        t.add_row("checkpoint", ck.name, f"{len(ck.files)} files")
+    for kind, files in (("manifest", a.manifests), ("metrics", a.metrics), ("plot", a.plots), ("other", a.other)):
+        for f in files:
+            t.add_row(kind, f.path, str(f.size or ""))
+    if a.logs:
+        t.add_row("logs", a.logs, "")
+    Console().print(t)
+
+
+@app.command()
+@_api_errors
+def cluster(url: Url = DEFAULT_URL, token: Token = None, json_: Json = False) -> None:
+    """Cluster nodes and free CPUs/GPUs."""
+    with _client(url, token) as c:
+        cl = c.cluster()
+    if json_:
+        _print_json(cl)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table("NODE", "IP", "STATE", "CPUS (free/total)", "GPUS (free/total)")
+    for n in cl.nodes:
+        t.add_row((n.node_id or "")[:12] + (" (head)" if n.is_head else ""), n.ip or "", n.state or "",
+                  f"{n.free_cpus:g}/{n.cpus:g}", f"{n.free_gpus:g}/{n.gpus:g}")
+    Console().print(t)
+
+
+@app.command()
+def run(file: Annotated[Path, typer.Argument(help="Job YAML (with kind:) or pipeline YAML (with --kind).")],
+        kind: Kind = None, set_: Sets = None, json_: Json = False) -> None:
+    """Run a job here, without the service (like `python -m jobs.<kind> --config FILE`)."""
+    from jobs.config import ConfigError, format_validation_error
+    from pydantic import ValidationError
+
+    from service.specs import CLASS_BY_KIND, spec_adapter
+
+    spec = spec_from_file(file, kind, set_)
+    if spec.get("kind") not in CLASS_BY_KIND:
+        _fail(f"{file}: unknown kind {spec.get('kind')!r}; known: {sorted(CLASS_BY_KIND)}")
+    try:
+        cfg = spec_adapter.validate_python(spec)
+    except ValidationError as e:
+        _fail(format_validation_error(e, str(file)), 2)
+    except ConfigError as e:
+        _fail(str(e), 2)
+    result = sys.modules[type(cfg).__module__].run(cfg)
+    if json_:
+        typer.echo(json.dumps(result, indent=2, default=str))

@@ -1,0 +1,111 @@
+"""Job specs: the jobs' own config models, combined as one discriminated union on `kind`.
+
+A new kind plugs in by adding its config class to `SPEC_CLASSES`; its module `jobs.<kind>` is
+what the service runs. Nothing else in the service names a kind.
+
+Path fields. A spec's string values that name storage are found by field name: `output`, `data`,
+`run`, `checkpoint`, `inputs`, `tokenizer`, `init_from`, and any name ending in `_path`, `_dir` or
+`_file`, at any depth (nested models, lists, dicts). Job authors keep that naming so the API checks
+every path a job will touch; see service/security.py for the rules a path must pass.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from typing import Annotated, Any, Iterator, Union
+
+from pydantic import BaseModel, Field, TypeAdapter
+
+from jobs.config import JobConfig, job_kind
+from jobs.dpo import DPOConfig
+from jobs.evaluate import EvaluateConfig
+from jobs.export import ExportConfig
+from jobs.generate import GenerateConfig
+from jobs.prepare import PrepareConfig
+from jobs.pretrain import PretrainConfig
+from jobs.reward import RewardConfig
+from jobs.sft import SFTConfig
+from jobs.tune import TuneConfig
+
+SPEC_CLASSES: tuple[type[JobConfig], ...] = (
+    PrepareConfig, PretrainConfig, TuneConfig, GenerateConfig, ExportConfig, SFTConfig, DPOConfig, RewardConfig,
+    EvaluateConfig,
+)
+
+JobSpec = Annotated[Union[SPEC_CLASSES], Field(discriminator="kind")]  # noqa: UP007 (a tuple needs Union[])
+spec_adapter: TypeAdapter[JobConfig] = TypeAdapter(JobSpec)
+KINDS: tuple[str, ...] = tuple(job_kind(c) for c in SPEC_CLASSES)
+CLASS_BY_KIND: dict[str, type[JobConfig]] = {job_kind(c): c for c in SPEC_CLASSES}
+
+PATH_FIELDS = frozenset({"output", "data", "run", "checkpoint", "inputs", "tokenizer", "init_from"})
+PATH_SUFFIXES = ("_path", "_dir", "_file")
+
+Loc = tuple[str | int, ...]
+
+
+def is_path_field(name: str) -> bool:
+    return name in PATH_FIELDS or name.endswith(PATH_SUFFIXES)
+
+
+def path_values(model: BaseModel, loc: Loc = ()) -> Iterator[tuple[Loc, str]]:
+    """(location, value) of every string in a path field of a validated spec."""
+    for name in type(model).model_fields:
+        yield from _walk(getattr(model, name), (*loc, name), is_path_field(name))
+
+
+def _walk(value: Any, loc: Loc, is_path: bool) -> Iterator[tuple[Loc, str]]:
+    if isinstance(value, BaseModel):
+        yield from path_values(value, loc)
+    elif isinstance(value, str):
+        if is_path:
+            yield loc, value
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            yield from _walk(v, (*loc, i), is_path)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _walk(v, (*loc, str(k)), is_path or is_path_field(str(k)))
+
+
+def with_values(spec: JobConfig, replacements: dict[Loc, str]) -> JobConfig:
+    """The spec with the strings at `replacements`' locations replaced, validated again."""
+    data = spec.model_dump(mode="json")
+    for loc, value in replacements.items():
+        node = data
+        for key in loc[:-1]:
+            node = node[key]
+        node[loc[-1]] = value
+    return spec_adapter.validate_python(data)
+
+
+def model_fields_of(cls: type[BaseModel]) -> list[str]:
+    """Fields typed as a model (optionally `| None`): they must arrive inline, never as a file name.
+
+    Some configs accept a path to a YAML file in place of a nested config (tune's `pretrain`); the
+    service must not read files on its own host because a request names them.
+    """
+    out = []
+    for name, field in cls.model_fields.items():
+        ann = field.annotation
+        args = typing.get_args(ann) if typing.get_origin(ann) in (Union, types.UnionType) else (ann,)
+        if any(isinstance(a, type) and issubclass(a, BaseModel) for a in args):
+            out.append(name)
+    return out
+
+
+def resources(spec: JobConfig) -> dict[str, float]:
+    """CPUs and GPUs a job holds at its peak, derived from the spec (what quotas are checked against).
+
+    Training-style jobs reserve `num_workers` x `cpus_per_worker` (and a GPU per worker with
+    `use_gpu`); a sweep runs up to `max_concurrent` trials at once (all `num_samples` when unset);
+    a job without workers runs in one task.
+    """
+    if isinstance(spec, TuneConfig):
+        one = resources(PretrainConfig.model_validate(spec.trial_base()))
+        n = spec.max_concurrent or spec.num_samples
+        return {"cpus": one["cpus"] * n, "gpus": one["gpus"] * n}
+    workers = getattr(spec, "num_workers", 1)
+    cpus = workers * getattr(spec, "cpus_per_worker", 1)
+    gpus = workers if getattr(spec, "use_gpu", False) else 0
+    return {"cpus": cpus, "gpus": gpus}
