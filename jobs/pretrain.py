@@ -98,24 +98,17 @@ class PretrainConfig(JobConfig):
         lo, hi = self.worker_range
         if not 1 <= lo <= hi:
             raise ValueError(f"num_workers: need 1 <= min <= max, got {self.num_workers}")
+        from jobs.pipeline import validate
+
         for w in range(lo, hi + 1):  # every world size an elastic run may shrink to
-            if w % self.pipeline_stages:
-                raise ValueError(f"num_workers ({w}) must be a multiple of pipeline_stages ({self.pipeline_stages})")
-            dp = w // self.pipeline_stages
-            if self.global_batch_size % (self.micro_batch_size * dp):
-                raise ValueError(
-                    f"global_batch_size ({self.global_batch_size}) must be a multiple of micro_batch_size * "
-                    f"data-parallel workers ({self.micro_batch_size} * {dp}) for {w} workers")
-        if self.pipeline_stages > 1:
-            if self.zero_stage >= 2:
-                raise ValueError(f"zero_stage {self.zero_stage} cannot be combined with pipeline_stages > 1 "
-                                 "(DeepSpeed supports ZeRO-0/1 with pipeline parallelism)")
-            if self.model.n_layers % self.pipeline_stages:
-                raise ValueError(f"model.n_layers ({self.model.n_layers}) must be divisible by "
-                                 f"pipeline_stages ({self.pipeline_stages})")
-            if lo != hi:
-                raise ValueError("num_workers: elastic ranges are supported with data parallelism only "
-                                 "(pipeline_stages = 1)")
+            validate(self.pipeline_stages, self.zero_stage, self.model.n_layers, w,
+                     self.global_batch_size, self.micro_batch_size)
+        if self.pipeline_stages > 1 and lo != hi:
+            raise ValueError("num_workers: elastic ranges are supported with data parallelism only "
+                             "(pipeline_stages = 1)")
+        if self.pipeline_stages > 1 and self.init_from:
+            raise ValueError("init_from: not supported with pipeline_stages > 1; start the pipeline run "
+                             "from a checkpoint of its own or train data-parallel")
         if self.offload_optimizer and self.zero_stage != 3:
             raise ValueError("offload_optimizer needs zero_stage 3")
         if self.warmup_steps >= self.max_steps:
@@ -369,6 +362,8 @@ def train_loop_per_worker(config: dict) -> None:
     import torch.distributed as dist
     from safetensors.torch import save_file
 
+    from jobs import pipeline
+
     cfg = PretrainConfig.model_validate(config["cfg"])
     mcfg = ModelConfig.model_validate(config["model"])
     manifest = config["manifest"]
@@ -387,8 +382,9 @@ def train_loop_per_worker(config: dict) -> None:
         state = json.loads((ckpt_local / TRAIN_STATE).read_text())
     resharded = state is not None and state["world_size"] != world
 
+    pp = cfg.pipeline_stages > 1
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = GPT(mcfg)
+    model = GPT(mcfg) if not pp else None
     if cfg.init_from and state is None:
         from jobs.export import load_pretrained, load_state, same_architecture
 
@@ -396,13 +392,16 @@ def train_loop_per_worker(config: dict) -> None:
         if not same_architecture(init_cfg, mcfg, ignore=("max_seq_len", "activation_checkpointing")):
             raise ValueError(f"init_from: {cfg.init_from} has a different architecture than `model`")
         load_state(model, sd, source=cfg.init_from)
-    optimizer = torch.optim.AdamW(model.optim_groups(cfg.weight_decay), lr=cfg.lr,
-                                  betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=False)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=deepspeed_config(cfg, bf16, world, load_universal=resharded),
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg) / cfg.lr),
-        dist_init_required=False,
-    )
+    if pp:
+        engine = pipeline.pipeline_engine(cfg, mcfg, cfg.pipeline_stages, bf16)
+    else:
+        optimizer = torch.optim.AdamW(model.optim_groups(cfg.weight_decay), lr=cfg.lr,
+                                      betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=False)
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=deepspeed_config(cfg, bf16, world, load_universal=resharded),
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg) / cfg.lr),
+            dist_init_required=False,
+        )
 
     history: list[dict] = []
     step = 0
@@ -432,6 +431,8 @@ def train_loop_per_worker(config: dict) -> None:
     flops_per_token = mcfg.flops_per_token(manifest["seq_len"])
 
     def evaluate() -> float:
+        if pp:
+            return pipeline.pipeline_eval_loss(engine, val, cfg.eval_batches, cfg.global_batch_size, cfg.micro_batch_size)
         engine.eval()
         total = torch.zeros(2, dtype=torch.float64)
         per_rank = cfg.global_batch_size // world
@@ -450,7 +451,7 @@ def train_loop_per_worker(config: dict) -> None:
             d = Path(tmp)
             engine.save_checkpoint(str(d / "deepspeed"), tag="state")
             torch.save(rng_state(), d / f"rng-rank{rank}.pt")
-            sd = full_state_dict(engine, mcfg.tie_embeddings)
+            sd = pipeline.stage_state_dict(engine) if pp else full_state_dict(engine, mcfg.tie_embeddings)
             if rank == 0:
                 save_file(sd, str(d / WEIGHTS))
                 (d / TRAIN_STATE).write_text(json.dumps({
@@ -477,23 +478,28 @@ def train_loop_per_worker(config: dict) -> None:
     engine.train()
     while step < cfg.max_steps:
         t0 = time.perf_counter()
-        loss_sum = torch.zeros(1, dtype=torch.float64)
-        for m in range(grad_accum):
-            x, y = train.micro_batch(step, cfg.global_batch_size, rank, world, m, cfg.micro_batch_size)
-            _, loss = engine(x.to(device), y.to(device))
-            engine.backward(loss)
-            engine.step()
-            loss_sum += loss.detach().double().cpu()
-        dist.all_reduce(loss_sum)
-        if not torch.isfinite(loss_sum).all():
-            ray.train.report({"step": step + 1, "loss": float(loss_sum), "diverged": True})
-            raise FloatingPointError(f"training diverged: loss is {float(loss_sum)} at step {step + 1}")
+        if pp:  # the pipeline schedule runs all micro-batches; its loss is the global-batch mean on every rank
+            step_loss = pipeline.pipeline_train_step(
+                engine, pipeline.micro_batches(engine, train, step, cfg.global_batch_size, cfg.micro_batch_size))
+        else:
+            loss_sum = torch.zeros(1, dtype=torch.float64)
+            for m in range(grad_accum):
+                x, y = train.micro_batch(step, cfg.global_batch_size, rank, world, m, cfg.micro_batch_size)
+                _, loss = engine(x.to(device), y.to(device))
+                engine.backward(loss)
+                engine.step()
+                loss_sum += loss.detach().double().cpu()
+            dist.all_reduce(loss_sum)
+            step_loss = float(loss_sum) / (world * grad_accum)
+        if not math.isfinite(step_loss):
+            ray.train.report({"step": step + 1, "loss": step_loss, "diverged": True})
+            raise FloatingPointError(f"training diverged: loss is {step_loss} at step {step + 1}")
         step += 1
         dt = time.perf_counter() - t0
         tps = tokens_per_step / dt
         rec = {
             "step": step,
-            "loss": float(loss_sum) / (world * grad_accum),
+            "loss": step_loss,
             "lr": lr_at(step - 1, cfg),
             "grad_norm": float(engine.get_global_grad_norm() or 0.0),
             "tokens_per_s": tps,
