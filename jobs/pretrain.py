@@ -469,12 +469,6 @@ def train_loop_per_worker(config: dict) -> None:
             log.flush()
 
     tokens_per_step = cfg.global_batch_size * manifest["seq_len"]
-    progress = None
-    if rank == 0:
-        from ray.experimental.tqdm_ray import tqdm
-
-        progress = tqdm(total=cfg.max_steps, desc="pretrain")
-        progress.update(step)
     engine.train()
     while step < cfg.max_steps:
         t0 = time.perf_counter()
@@ -514,9 +508,10 @@ def train_loop_per_worker(config: dict) -> None:
             rec["val_ppl"] = math.exp(min(rec["val_loss"], 50))
         if log:
             log.add(rec)
-            progress.update(1)
-            if "val_loss" in rec:
-                print(f"step {step}: loss {rec['loss']:.4f} val {rec['val_loss']:.4f} "
+            if step % 10 == 0 or "val_loss" in rec or step == 1:
+                bar = "#" * int(30 * step / cfg.max_steps)
+                val = f" val {rec['val_loss']:.4f}" if "val_loss" in rec else ""
+                print(f"[{bar:<30}] step {step}/{cfg.max_steps} loss {rec['loss']:.4f}{val} "
                       f"{rec['tokens_per_s']:.0f} tok/s", flush=True)
         else:
             history.append(rec)
@@ -524,8 +519,6 @@ def train_loop_per_worker(config: dict) -> None:
             save(rec)
         elif "val_loss" in rec:
             ray.train.report(rec)
-    if progress:
-        progress.close()
     import shutil
 
     shutil.rmtree(scratch, ignore_errors=True)
