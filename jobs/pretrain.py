@@ -510,8 +510,8 @@ def train_loop_per_worker(config: dict) -> None:
             log.add(rec)
             if step % 10 == 0 or "val_loss" in rec or step == 1:
                 bar = "#" * int(30 * step / cfg.max_steps)
-                val = f" val {rec['val_loss']:.4f}" if "val_loss" in rec else ""
-                print(f"[{bar:<30}] step {step}/{cfg.max_steps} loss {rec['loss']:.4f}{val} "
+                shown = f" val {rec['val_loss']:.4f}" if "val_loss" in rec else ""
+                print(f"[{bar:<30}] step {step}/{cfg.max_steps} loss {rec['loss']:.4f}{shown} "
                       f"{rec['tokens_per_s']:.0f} tok/s", flush=True)
         else:
             history.append(rec)
