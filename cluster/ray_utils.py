@@ -30,6 +30,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         return
     ray.init(
+        address="local",  # never attach by accident to another `ray start` cluster on this machine
         num_cpus=num_cpus or max(4, os.cpu_count() or 1),
         include_dashboard=False,
         runtime_env=runtime_env,

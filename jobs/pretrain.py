@@ -273,7 +273,11 @@ def verify_checkpoint(ckpt: str) -> str | None:
 
 def checkpoint_dirs(run_dir: str) -> list[str]:
     """Checkpoint directories of a run, newest first."""
-    names = {f.split("/checkpoint_")[1].split("/")[0] for f in storage.list_files(run_dir) if "/checkpoint_" in f}
+    names = set()
+    for f in storage.list_files(run_dir):
+        rest = f.split("/checkpoint_", 1)[1] if "/checkpoint_" in f else ""
+        if "/" in rest:  # a file inside checkpoint_<step>/, not Ray's checkpoint_manager_snapshot.json
+            names.add(rest.split("/")[0])
     return [storage.join(run_dir, f"checkpoint_{n}") for n in sorted(names, reverse=True)]
 
 

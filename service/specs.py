@@ -4,7 +4,7 @@ A new kind plugs in by adding its config class to `SPEC_CLASSES`; its module `jo
 what the service runs. Nothing else in the service names a kind.
 
 Path fields. A spec's string values that name storage are found by field name: `output`, `data`,
-`run`, `checkpoint`, `inputs`, `tokenizer`, `init_from`, and any name ending in `_path`, `_dir` or
+`run`, `checkpoint`, `checkpoints`, `inputs`, `tokenizer`, `init_from`, and any name ending in `_path`, `_dir` or
 `_file`, at any depth (nested models, lists, dicts). Job authors keep that naming so the API checks
 every path a job will touch; see service/security.py for the rules a path must pass.
 """
@@ -25,12 +25,14 @@ from jobs.generate import GenerateConfig
 from jobs.prepare import PrepareConfig
 from jobs.pretrain import PretrainConfig
 from jobs.reward import RewardConfig
+from jobs.serve import ServeConfig
 from jobs.sft import SFTConfig
+from jobs.tasks import TasksConfig
 from jobs.tune import TuneConfig
 
 SPEC_CLASSES: tuple[type[JobConfig], ...] = (
     PrepareConfig, PretrainConfig, TuneConfig, GenerateConfig, ExportConfig, SFTConfig, DPOConfig, RewardConfig,
-    EvaluateConfig,
+    EvaluateConfig, TasksConfig, ServeConfig,
 )
 
 JobSpec = Annotated[Union[SPEC_CLASSES], Field(discriminator="kind")]  # noqa: UP007 (a tuple needs Union[])
@@ -38,7 +40,7 @@ spec_adapter: TypeAdapter[JobConfig] = TypeAdapter(JobSpec)
 KINDS: tuple[str, ...] = tuple(job_kind(c) for c in SPEC_CLASSES)
 CLASS_BY_KIND: dict[str, type[JobConfig]] = {job_kind(c): c for c in SPEC_CLASSES}
 
-PATH_FIELDS = frozenset({"output", "data", "run", "checkpoint", "inputs", "tokenizer", "init_from"})
+PATH_FIELDS = frozenset({"output", "data", "run", "checkpoint", "checkpoints", "inputs", "tokenizer", "init_from"})
 PATH_SUFFIXES = ("_path", "_dir", "_file")
 
 Loc = tuple[str | int, ...]

@@ -20,7 +20,7 @@ def ray_local():
         if ray.is_initialized():
             break
         try:
-            ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+            ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
                      runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}})
         except Exception:
             ray.shutdown()
