@@ -29,7 +29,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)
-	$(PY) bench/train_step.py
+	$(PY) bench/train_step.py --preset tiny gpt2-124m --threads 1
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

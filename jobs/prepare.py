@@ -1,14 +1,17 @@
-"""Prepare: raw corpus -> documents -> BPE tokenizer -> packed, memory-mappable token shards.
+"""Prepare: raw corpus -> clean documents -> dedup -> BPE tokenizer -> packed token shards.
 
     python -m jobs.prepare --config configs/demo.yaml
 
-Every step is a Ray Data operator, so the same code runs on a laptop and on a cluster: nothing
-collects the corpus on the driver (only a bounded tokenizer sample and per-shard metadata).
-Output layout (local directory or s3:// prefix):
+Stages (docs/data.md): read (jobs.read) -> clean (jobs.clean) -> exact and MinHash-LSH dedup
+(jobs.dedup) -> tokenizer -> tokenize and pack. Every step is a Ray Data operator, so the same
+code runs on a laptop and on a cluster: the driver holds only the file list, a bounded tokenizer
+sample, the near-duplicate edge list and per-shard metadata. Output (local directory or s3://):
 
     tokenizer.json
     train-00000.npy ...   uint16/uint32 arrays of shape (sequences, seq_len + 1)
     val-00000.npy ...
+    rejects/rejects-00000.jsonl ...   every dropped record: reason, source file, offset, preview
+    report.json           documents in/out per stage and reason, bytes, tokens, throughput
     manifest.json         written last: its presence means the output is complete
 """
 
@@ -16,6 +19,9 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import json
+import math
+import os
 import re
 import time
 from pathlib import Path
@@ -26,7 +32,10 @@ import xxhash
 from pydantic import Field, field_validator
 
 from cluster import storage
+from jobs.clean import CleanConfig, clean_batch
 from jobs.config import JobConfig, main
+from jobs.dedup import DedupConfig, apply_dedup, find_near_duplicates
+from jobs.read import file_format  # noqa: F401  (part of this module's interface: jobs.tasks uses it)
 from model.tokenizer import EOT, load_tokenizer, tokenizer_sha256, train_tokenizer
 
 MANIFEST = "manifest.json"
@@ -39,8 +48,18 @@ class PrepareConfig(JobConfig):
     kind: Literal["prepare"] = "prepare"
     inputs: list[str] = Field(default_factory=list)
     """Files, directories, globs or s3:// prefixes. Empty: the embedded Shakespeare corpus."""
-    format: Literal["auto", "text", "markdown"] = "auto"
-    """Input format; `auto` decides by file extension."""
+    format: Literal["auto", "text", "markdown", "jsonl", "parquet", "html", "warc"] = "auto"
+    """Input format; `auto` decides by file extension (.txt .md .jsonl/.json .parquet .html .warc, each optionally .gz/.zst)."""
+    text_field: str = "text"
+    """Field (JSONL/JSON) or column (Parquet) that holds the document text."""
+    max_document_bytes: int = Field(10_000_000, gt=0)
+    """Reject (reason `too_large`) any single document larger than this many bytes, before decoding it."""
+    max_replacement_fraction: float = Field(0.01, ge=0, le=1)
+    """Reject (reason `undecodable`) non-UTF-8 input whose detected encoding still leaves more U+FFFD than this fraction."""
+    clean: CleanConfig = CleanConfig()
+    """HTML extraction, normalisation, quality and language filters."""
+    dedup: DedupConfig = DedupConfig()
+    """Exact and MinHash-LSH near-duplicate removal."""
     markdown_split_level: int | None = None
     """Split each Markdown file into one document per heading of this level (e.g. 3 = `###`)."""
     output: str
@@ -89,23 +108,43 @@ def expand_inputs(inputs: list[str]) -> list[str]:
 
     Raises before any work starts if an input matches nothing or only empty files.
     """
-    files: list[str] = []
-    for spec in inputs:
+    return [f for f, _ in expand_inputs_sized(inputs)]
+
+
+def expand_inputs_sized(inputs: list[str]) -> list[tuple[str, int]]:
+    """Resolve files, directories, globs and s3:// prefixes to a sorted list of (file, size).
+
+    Raises before any work starts if an input matches nothing or only empty files.
+    """
+    import pyarrow.fs as pafs
+
+    files: dict[str, int] = {}
+    for i, spec in enumerate(inputs):
         if storage.is_s3(spec):
-            found = [spec] if storage.exists(spec) and not storage.list_files(spec) else storage.list_files(spec)
-        elif any(ch in spec for ch in "*?["):
-            found = sorted(str(p) for p in Path().glob(spec) if p.is_file()) if not Path(spec).is_absolute() \
-                else sorted(str(p) for p in Path("/").glob(spec.lstrip("/")) if p.is_file())
-        elif Path(spec).is_dir():
-            found = sorted(str(p) for p in Path(spec).rglob("*") if p.is_file() and not p.name.startswith("."))
-        elif Path(spec).is_file():
-            found = [str(Path(spec))]
+            fs, path = storage.resolve(spec)
+            info = fs.get_file_info(path)
+            if info.type == pafs.FileType.File:
+                found = [(spec, info.size)]
+            else:
+                infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+                found = sorted(("s3://" + x.path, x.size) for x in infos if x.type == pafs.FileType.File)
         else:
-            found = []
+            if any(ch in spec for ch in "*?["):
+                root, pattern = (Path("/"), spec.lstrip("/")) if Path(spec).is_absolute() else (Path(), spec)
+                paths = [p for p in root.glob(pattern) if p.is_file()]
+            elif Path(spec).is_dir():
+                paths = [p for p in Path(spec).rglob("*") if p.is_file() and not p.name.startswith(".")]
+            elif Path(spec).is_file():
+                paths = [Path(spec)]
+            else:
+                paths = []
+            found = sorted((storage.absolute(p), p.stat().st_size) for p in paths)
         if not found:
-            raise FileNotFoundError(f"inputs: {spec!r} matches no file")
-        files.extend(found)
-    return sorted(dict.fromkeys(files))
+            raise FileNotFoundError(f"inputs[{i}]: {spec!r} matches no file")
+        if not any(size for _, size in found):
+            raise ValueError(f"inputs[{i}]: {spec!r} matches only empty files ({len(found)})")
+        files.update(found)
+    return sorted(files.items())
 
 
 _HEADING = re.compile(r"^(#{1,6})\s+(.*)$")
@@ -137,37 +176,23 @@ def split_markdown(md: str, level: int) -> list[str]:
     return [p for p in parts if p.strip()]
 
 
-def file_format(path: str, fmt: str) -> str:
-    if fmt != "auto":
-        return fmt
-    return "markdown" if path.lower().endswith((".md", ".markdown")) else "text"
-
-
-def decode_file(batch: dict, fmt: str, split_level: int | None) -> dict:
-    """Ray Data UDF: raw file bytes -> one row per document (text, source)."""
-    texts, sources = [], []
-    for raw, path in zip(batch["bytes"], batch["path"]):
-        text = bytes(raw).decode("utf-8", errors="replace")
-        if file_format(path, fmt) == "markdown":
-            parts = split_markdown(text, split_level) if split_level else [text]
-            docs = [markdown_to_text(p) for p in parts]
-        else:
-            docs = [text]
-        for d in docs:
-            if d.strip():
-                texts.append(d)
-                sources.append(path)
-    return {"text": texts, "source": sources}
-
-
-def read_documents(cfg: PrepareConfig):
+def read_documents(cfg: PrepareConfig, files: list[tuple[str, int]], cpus: int):
+    """Ray Dataset of every input record: documents and rejects (jobs.read), cleaned (jobs.clean)."""
     import ray.data
 
-    files = expand_inputs(cfg.inputs) if cfg.inputs else default_corpus()
-    paths = [f[len("s3://"):] if storage.is_s3(f) else f for f in files]
-    fs = storage.s3_filesystem() if storage.is_s3(files[0]) else None
-    ds = ray.data.read_binary_files(paths, include_paths=True, filesystem=fs)
-    return files, ds.map_batches(decode_file, fn_kwargs={"fmt": cfg.format, "split_level": cfg.markdown_split_level})
+    from jobs.read import plan_units, read_units
+
+    total = sum(n for _, n in files)
+    # enough read units to keep every CPU busy, few enough that a unit is not mostly task overhead
+    target = max(1 << 20, min(64 << 20, total // max(1, 4 * cpus)))
+    units = plan_units(files, target)
+    opts = {"text_field": cfg.text_field, "max_document_bytes": cfg.max_document_bytes,
+            "max_replacement_fraction": cfg.max_replacement_fraction,
+            "markdown_split_level": cfg.markdown_split_level}
+    ds = ray.data.from_items([{"paths": u} for u in units], override_num_blocks=len(units))
+    return (ds.map_batches(read_units, batch_size=1, batch_format="numpy", fn_kwargs={"fmt": cfg.format, "opts": opts},
+                           **storage_remote_args())
+            .map_batches(clean_batch, batch_format="numpy", fn_kwargs={"cfg": cfg.clean.model_dump()}))
 
 
 # ----------------------------------------------------------------------------- hashing, split and shards
@@ -266,27 +291,135 @@ def unigram_loss(train_counts: np.ndarray, val_counts: np.ndarray) -> float:
     return float(-(val_counts * np.log(p)).sum() / total) if total else float("nan")
 
 
-def run(cfg: PrepareConfig) -> dict:
-    from cluster.ray_utils import init_ray
+def storage_remote_args() -> dict:
+    """Ray remote args that hand the driver's AWS settings (endpoint, region, credentials) to the
+    tasks that touch storage, for workers started without them; empty when none are set."""
+    env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    return {"runtime_env": {"env_vars": env}} if env else {}
 
-    t0 = time.time()
-    init_ray()
+
+READ_REASONS = ("too_large", "truncated", "undecodable", "bad_json", "no_text_field", "bad_parquet", "not_text")
+REJECT_COLUMNS = ("source", "offset", "reason", "preview", "duplicate_of")
+
+
+def select(batch: dict, keep: str, columns: tuple[str, ...] | None = None) -> dict:
+    """Ray Data UDF: the rows that are documents (`keep="docs"`) or rejects (`keep="rejects"`)."""
+    mask = (batch["reason"] == "") if keep == "docs" else (batch["reason"] != "")
+    cols = columns or tuple(batch)
+    out = {c: batch[c][mask] for c in cols if c in batch}
+    if "duplicate_of" in cols and "duplicate_of" not in batch:
+        out["duplicate_of"] = np.zeros(int(mask.sum()), dtype=np.uint64)
+    return out
+
+
+def write_rejects(group: dict, output: str) -> dict:
+    """Ray Data map_groups UDF: the rejects of one partition -> rejects/rejects-NNNNN.jsonl,
+    sorted, so that re-runs write identical files."""
+    part = int(group["part"][0])
+    order = sorted(range(len(group["reason"])), key=lambda i: (group["source"][i], int(group["offset"][i]), group["reason"][i]))
+    lines = []
+    for i in order:
+        rec = {"source": group["source"][i], "offset": int(group["offset"][i]), "reason": group["reason"][i],
+               "preview": group["preview"][i]}
+        if int(group["duplicate_of"][i]):
+            rec["duplicate_of"] = f"{int(group['duplicate_of'][i]):016x}"
+        lines.append(json.dumps(rec, ensure_ascii=False))
+    name = f"rejects/rejects-{part:05d}.jsonl"
+    storage.write_bytes(storage.join(output, name), ("\n".join(lines) + "\n").encode("utf-8", errors="surrogatepass"))
+    return {"file": [name], "records": [len(lines)]}
+
+
+def reason_counts(ds) -> dict[str, dict]:
+    """{reason: {documents, raw_bytes}} by a distributed groupby; "" is the kept documents."""
+    from ray.data.aggregate import Count, Sum
+
+    rows = ds.select_columns(["reason", "raw_bytes"]).groupby("reason", num_partitions=1).aggregate(
+        Count(), Sum("raw_bytes")).take_all()
+    return {r["reason"]: {"documents": int(r["count()"]), "raw_bytes": int(r["sum(raw_bytes)"] or 0)} for r in rows}
+
+
+def num_partitions(total_bytes: int, cpus: int) -> int:
+    """Hash partitions of a shuffle: ~128 MB each (a partition must fit one worker's memory), and
+    at least one per CPU once there are a few MB per CPU to share."""
+    return max(1, math.ceil(total_bytes / (128 << 20)), min(cpus, total_bytes // (4 << 20)))
+
+
+def clear_output(cfg: PrepareConfig) -> None:
+    """Make an earlier, possibly interrupted, run's output invisible before writing anything."""
     storage.makedirs(cfg.output)
     manifest_uri = storage.join(cfg.output, MANIFEST)
     if storage.exists(manifest_uri):  # a rewrite in progress must not look complete
         storage.write_bytes(manifest_uri + ".old", storage.read_bytes(manifest_uri))
         fs, path = storage.resolve(manifest_uri)
         fs.delete_file(path)
+    fs, root = storage.resolve(cfg.output)
+    for f in storage.list_files(cfg.output):
+        rel = f[len("s3://"):] if storage.is_s3(f) else f
+        name = Path(rel).name
+        # temporaries of a killed write, and rejects files (their number varies with the data)
+        if (name.startswith(".") and name.endswith(".tmp")) or "/rejects/" in rel[len(root):] + "/":
+            fs.delete_file(rel)
 
-    files, docs = read_documents(cfg)
+
+def run(cfg: PrepareConfig) -> dict:
+    import ray
+
+    from cluster.ray_utils import init_ray
+
+    t0 = time.time()
+    sized = expand_inputs_sized(cfg.inputs) if cfg.inputs else [(f, Path(f).stat().st_size) for f in default_corpus()]
+    files = [f for f, _ in sized]
+    init_ray()
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    clear_output(cfg)
+    stages: dict[str, dict] = {}
+    timer = time.time()
+
+    def lap(name: str, **extra) -> None:
+        nonlocal timer
+        now = time.time()
+        stages[name] = {"seconds": round(now - timer, 3), **extra}
+        timer = now
+
+    # read + clean
     train_shards, val_shards = cfg.num_shards, max(1, cfg.num_shards // 8)
-    docs = docs.map_batches(assign, fn_kwargs={
-        "seed": cfg.seed, "val_fraction": cfg.val_fraction,
-        "train_shards": train_shards, "val_shards": val_shards,
-    }).materialize()
+    split_args = {"seed": cfg.seed, "val_fraction": cfg.val_fraction,
+                  "train_shards": train_shards, "val_shards": val_shards}
+    records = read_documents(cfg, sized, cpus).map_batches(assign, fn_kwargs=split_args).materialize()
+    by_reason = reason_counts(records)
+    cpu = records.sum(["t_read", "t_clean"]) if records.count() else {}
+    lap("read+clean", cpu_seconds_read=round(float(cpu.get("sum(t_read)") or 0), 3),
+        cpu_seconds_clean=round(float(cpu.get("sum(t_clean)") or 0), 3))
+    docs = records.map_batches(select, fn_kwargs={"keep": "docs"}, batch_format="numpy")
+    clean_kept = by_reason.get("", {"documents": 0, "raw_bytes": 0})
+    if clean_kept["documents"] == 0:
+        dropped = {k: v["documents"] for k, v in by_reason.items() if k}
+        raise ValueError(f"inputs: no document survived reading and cleaning {len(files)} file(s); dropped by reason: {dropped}")
+    text_bytes = int(docs.sum("n_bytes") or 0)
+    parts = num_partitions(text_bytes, cpus)
+
+    # dedup
+    fuzzy = None
+    if cfg.dedup.fuzzy:
+        fuzzy = find_near_duplicates(docs, cfg.dedup, parts)
+        print("fuzzy dedup: " + json.dumps({k: fuzzy.stats[k] for k in (
+            "bands", "rows", "false_positive_area", "false_negative_area", "candidate_probability")}))
+        lap("fuzzy: signatures+lsh+components", **fuzzy.stats)
+    dedup_rejects = None
+    if cfg.dedup.exact or cfg.dedup.fuzzy:
+        deduped = apply_dedup(docs, fuzzy, cfg.dedup.exact, parts).materialize()
+        dup_reasons = reason_counts(deduped)
+        by_reason.update({k: v for k, v in dup_reasons.items() if k})
+        docs = deduped.map_batches(select, fn_kwargs={"keep": "docs", "columns": ("text", "raw_bytes")},
+                                   batch_format="numpy").map_batches(assign, fn_kwargs=split_args).materialize()
+        dedup_rejects = deduped.map_batches(select, fn_kwargs={"keep": "rejects", "columns": REJECT_COLUMNS},
+                                            batch_format="numpy")
+        lap("dedup apply")
+    else:
+        docs = docs.materialize()
     n_docs, total_bytes = docs.count(), int(docs.sum("n_bytes") or 0)
     if n_docs == 0:
-        raise ValueError(f"inputs: no non-empty document in {len(files)} file(s)")
+        raise ValueError(f"inputs: no document left after dedup of {len(files)} file(s)")
 
     # Tokenizer: a deterministic, bounded sample of training documents, sorted by hash.
     if cfg.tokenizer:
@@ -301,15 +434,32 @@ def run(cfg: PrepareConfig) -> dict:
     vocab = tok.get_vocab_size()
     dtype = "uint16" if vocab <= 2**16 else "uint32"
     storage.write_text(storage.join(cfg.output, "tokenizer.json"), tok_json)
+    lap("tokenizer")
 
     shards = (
         docs.map_batches(tokenize, fn_kwargs={"tokenizer_json": tok_json, "dtype": dtype})
-        .groupby(["split", "shard"])
+        .groupby(["split", "shard"], num_partitions=min(cpus, train_shards + val_shards))
         .map_groups(pack_shard, batch_format="numpy", fn_kwargs={
-            "output": cfg.output, "seq_len": cfg.seq_len, "dtype": dtype, "vocab_size": vocab})
+            "output": cfg.output, "seq_len": cfg.seq_len, "dtype": dtype, "vocab_size": vocab},
+            **storage_remote_args())
         .take_all()
     )
     shards.sort(key=lambda s: (s["split"], s["shard"]))
+    lap("tokenize+pack")
+
+    # rejects: every dropped record, with its source file and offset
+    rejects = records.map_batches(select, fn_kwargs={"keep": "rejects", "columns": REJECT_COLUMNS}, batch_format="numpy")
+    if dedup_rejects is not None:
+        rejects = rejects.union(dedup_rejects)
+    reject_parts = max(1, parts)
+    written = rejects.map_batches(
+        lambda b: {**b, "part": np.array([xxhash.xxh64_intdigest(s.encode("utf-8", "surrogatepass")) % reject_parts
+                                          for s in b["source"]], dtype=np.int64)}, batch_format="numpy"
+    ).groupby("part", num_partitions=reject_parts).map_groups(
+        write_rejects, batch_format="numpy", fn_kwargs={"output": cfg.output}, **storage_remote_args()).take_all()
+    reject_files = sorted((r["file"], int(r["records"])) for r in written)
+    lap("rejects")
+
     counts = {s: sum((np.asarray(r["token_counts"]) for r in shards if r["split"] == s), np.zeros(vocab))
               for s in ("train", "val")}
     splits = {}
@@ -322,6 +472,8 @@ def run(cfg: PrepareConfig) -> dict:
             "tokens": int(sum(r["tokens"] for r in rows)),
             "documents": int(sum(r["documents"] for r in rows)),
         }
+    report = build_report(cfg, by_reason, stages, splits, cpus, time.time() - t0, reject_files)
+    storage.write_json(storage.join(cfg.output, "report.json"), report)
     manifest = {
         "format": MANIFEST_FORMAT,
         "seq_len": cfg.seq_len,
@@ -334,26 +486,80 @@ def run(cfg: PrepareConfig) -> dict:
         "config_sha256": cfg.sha256(),
         "inputs": input_fingerprints(files),
         "splits": splits,
+        "rejects": [{"file": f, "records": n} for f, n in reject_files],
         "stats": {"documents": n_docs, "bytes": total_bytes, "seconds": round(time.time() - t0, 2)},
         "unigram_val_loss": unigram_loss(counts["train"], counts["val"]),
     }
-    storage.write_json(manifest_uri, manifest)
-    print_report(manifest, cfg.output)
+    storage.write_json(storage.join(cfg.output, MANIFEST), manifest)  # last: the output is complete
+    print_report(report, manifest, cfg.output)
     return manifest
 
 
-def print_report(manifest: dict, output: str) -> None:
+STAGE_OF = {**{r: "read" for r in READ_REASONS}, "exact_duplicate": "exact dedup", "near_duplicate": "fuzzy dedup"}
+STAGES = ("read", "clean", "exact dedup", "fuzzy dedup")
+
+
+def build_report(cfg, by_reason: dict, stages: dict, splits: dict, cpus: int, seconds: float,
+                 reject_files: list) -> dict:
+    """Documents in and out per stage and per reason; bytes, tokens and throughput."""
+    dropped = {s: {} for s in STAGES}
+    for reason, v in sorted(by_reason.items()):
+        if reason:
+            dropped[STAGE_OF.get(reason, "clean")][reason] = v
+    # dedup rejects are documents the clean stage kept (reason ""): count each record once
+    first_pass = [v for r, v in by_reason.items() if STAGE_OF.get(r) not in ("exact dedup", "fuzzy dedup")]
+    total_in = sum(v["documents"] for v in first_pass)
+    raw_in = sum(v["raw_bytes"] for v in first_pass)
+    table, n = [], total_in
+    for s in STAGES:
+        out = n - sum(v["documents"] for v in dropped[s].values())
+        table.append({"stage": s, "documents_in": n, "documents_out": out,
+                      "dropped": {r: v["documents"] for r, v in dropped[s].items()}})
+        n = out
+    tokens = sum(sp["tokens"] for sp in splits.values())
+    for name, st in stages.items():
+        st["raw_mb_per_s"] = round(raw_in / 1e6 / st["seconds"], 3) if st["seconds"] else None
+    return {
+        "config_sha256": cfg.sha256(), "cpus": cpus, "seconds": round(seconds, 2),
+        "input": {"documents": total_in, "raw_bytes": raw_in},
+        "output": {"documents": n, "tokens": tokens,
+                   "train_tokens": splits["train"]["tokens"], "val_tokens": splits["val"]["tokens"]},
+        "funnel": table, "timings": stages,
+        "end_to_end": {"raw_mb_per_s": round(raw_in / 1e6 / seconds, 3),
+                       "raw_mb_per_s_per_cpu": round(raw_in / 1e6 / seconds / cpus, 3),
+                       "documents_per_s": round(total_in / seconds, 1)},
+        "rejects": [{"file": f, "records": k} for f, k in reject_files],
+    }
+
+
+def print_report(report: dict, manifest: dict, output: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"prepare -> {output}")
+    con = Console()
+    t = Table(title=f"prepare -> {output}: documents per stage")
+    for col in ("stage", "in", "out", "dropped by reason"):
+        t.add_column(col, justify="right" if col in ("in", "out") else "left")
+    for row in report["funnel"]:
+        t.add_row(row["stage"], str(row["documents_in"]), str(row["documents_out"]),
+                  ", ".join(f"{k} {v}" for k, v in row["dropped"].items()))
+    con.print(t)
+    t = Table(title="stage timings (wall; MB/s of raw input)")
+    for col in ("stage", "seconds", "MB/s"):
+        t.add_column(col, justify="left" if col == "stage" else "right")
+    for name, st in report["timings"].items():
+        t.add_row(name, f"{st['seconds']:.2f}", f"{st['raw_mb_per_s'] or 0:.2f}")
+    con.print(t)
+    t = Table(title="shards")
     for col in ("split", "documents", "sequences", "tokens", "shards"):
         t.add_column(col, justify="right")
     for split, s in manifest["splits"].items():
         t.add_row(split, str(s["documents"]), str(s["sequences"]), str(s["tokens"]), str(len(s["shards"])))
-    Console().print(t)
-    st = manifest["stats"]
-    print(f"{st['documents']} documents, {st['bytes'] / 1e6:.1f} MB in {st['seconds']} s; "
+    con.print(t)
+    e = report["end_to_end"]
+    print(f"{report['input']['documents']} records, {report['input']['raw_bytes'] / 1e6:.1f} MB in "
+          f"{report['seconds']} s on {report['cpus']} CPUs ({e['raw_mb_per_s_per_cpu']:.2f} MB/s per CPU); "
+          f"{report['output']['documents']} documents, {report['output']['tokens']} tokens; "
           f"vocab {manifest['vocab_size']}; unigram val loss {manifest['unigram_val_loss']:.3f}")
 
 
