@@ -91,6 +91,7 @@ def parse_speeches(md: str) -> list[Speech]:
 
 def held_out_documents(manifest: dict) -> tuple[list[list[Speech]], list[list[Speech]]]:
     """(train, held-out) documents as lists of speeches, split the way jobs.prepare split them."""
+    from jobs.clean import normalize
     from jobs.prepare import default_corpus, doc_hash, expand_inputs, file_format, markdown_to_text, split_markdown
 
     pcfg = manifest["config"]
@@ -102,7 +103,7 @@ def held_out_documents(manifest: dict) -> tuple[list[list[Speech]], list[list[Sp
             continue
         text = storage.read_text(f)
         for part in (split_markdown(text, level) if level else [text]):
-            doc = markdown_to_text(part)
+            doc = normalize(markdown_to_text(part))  # prepare hashes the normalised text
             if not doc.strip():
                 continue
             unit = (doc_hash(doc, pcfg["seed"]) >> 11) / float(1 << 53)
