@@ -15,6 +15,12 @@ WORKER_ENV = {
 }
 
 
+def storage_env() -> dict[str, str]:
+    """The driver's S3 settings (credentials, endpoint, region), for Ray tasks and workers that
+    read or write storage: a cluster's processes do not inherit the submitting shell's variables."""
+    return {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Connect once per process.
 

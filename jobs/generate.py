@@ -134,14 +134,15 @@ def sample_texts(cfg: GenerateConfig, ckpt: str) -> list[dict]:
 def run(cfg: GenerateConfig) -> list[dict]:
     import ray
 
-    from cluster.ray_utils import init_ray
+    from cluster.ray_utils import init_ray, storage_env
     from jobs.pretrain import latest_checkpoint
 
     cfg = cfg.model_copy(update={"run": storage.absolute(cfg.run) if cfg.run else None,
                                  "prompts_file": storage.absolute(cfg.prompts_file) if cfg.prompts_file else None})
     ckpt = storage.absolute(cfg.checkpoint) if cfg.checkpoint else latest_checkpoint(cfg.run)
     init_ray()
-    task = ray.remote(num_gpus=1 if cfg.use_gpu else 0)(generate_file if cfg.prompts_file else sample_texts)
+    task = ray.remote(num_gpus=1 if cfg.use_gpu else 0, runtime_env={"env_vars": storage_env()})(
+        generate_file if cfg.prompts_file else sample_texts)
     samples = ray.get(task.remote(cfg, ckpt))
     for s in samples:
         shown = s["prompt"] if "prompt" in s else s["messages"][-1]["content"]

@@ -658,6 +658,8 @@ def make_trainer(cfg: PretrainConfig, manifest: dict, mcfg: ModelConfig, callbac
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from cluster.ray_utils import storage_env
+
     out_fs, out_path = storage.resolve(cfg.output)
     return TorchTrainer(
         loop or train_loop_per_worker,
@@ -679,7 +681,7 @@ def make_trainer(cfg: PretrainConfig, manifest: dict, mcfg: ModelConfig, callbac
             callbacks=callbacks,
             # S3 settings of the driver (credentials, endpoint) must reach the workers that write checkpoints
             worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(cfg.cpus_per_worker), "PYTHONWARNINGS": "ignore",
-                                             **{k: v for k, v in os.environ.items() if k.startswith("AWS_")}}},
+                                             **storage_env()}},
         ),
     )
 
