@@ -26,7 +26,7 @@ demo: $(STAMP)
 	@echo "run directory: $(CURDIR)/runs/demo/pretrain (metrics.jsonl, loss.png, tensorboard/, checkpoint_*/)"
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 bench: $(STAMP)
 	$(PY) bench/train_step.py --preset tiny gpt2-124m --threads 1
