@@ -220,7 +220,8 @@ def pipeline_engine(cfg: "PretrainConfig", mcfg: ModelConfig, num_stages: int, b
     module = pipeline_module(mcfg, num_stages, mcfg.activation_checkpointing, cfg.seed)
     optimizer = torch.optim.AdamW(optim_groups(module, cfg.weight_decay), lr=cfg.lr,
                                   betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=False)
-    ds_config = deepspeed_config(cfg, bf16, world)
+    # accumulation counts data-parallel pipelines (world // stages), not workers
+    ds_config = deepspeed_config(cfg.model_copy(update={"pipeline_stages": num_stages}), bf16, world)
     engine, _, _, _ = deepspeed.initialize(
         model=module, optimizer=optimizer, config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg) / cfg.lr),

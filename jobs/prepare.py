@@ -452,7 +452,9 @@ def run(cfg: PrepareConfig) -> dict:
     if dedup_rejects is not None:
         rejects = rejects.union(dedup_rejects)
     reject_parts = max(1, parts)
-    written = rejects.map_batches(
+    if not any(k for k in by_reason):  # nothing rejected: empty blocks carry no `part` column to group on
+        rejects = None
+    written = [] if rejects is None else rejects.map_batches(
         lambda b: {**b, "part": np.array([xxhash.xxh64_intdigest(s.encode("utf-8", "surrogatepass")) % reject_parts
                                           for s in b["source"]], dtype=np.int64)}, batch_format="numpy"
     ).groupby("part", num_partitions=reject_parts).map_groups(

@@ -281,7 +281,9 @@ def test_resume_falls_back_from_a_corrupt_checkpoint(tiny_run, tmp_path):
 
 
 ELASTIC_SCRIPT = r"""
-import json, sys, threading, time
+import json, os, sys, threading, time
+# after the node is gone, fall back to the workers that fit sooner than Ray Train's default 60 s
+os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "15"
 import ray
 from ray.cluster_utils import Cluster
 
@@ -397,7 +399,7 @@ def test_pipeline_run_tracks_single_process_and_resumes(tiny_run, tmp_path):
     # resume from the step-3 pipeline checkpoint reproduces the final weights exactly
     again = tmp_path / "pp-resumed"
     shutil.copytree(out, again)
-    shutil.rmtree(again / "checkpoint_0000006")
+    (again / "checkpoint_0000006" / "model.safetensors").write_bytes(b"torn")  # newest no longer verifies
     pretrain(cfg.model_copy(update={"output": str(again)}))
     wa, wb = final_weights(out), final_weights(again)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
