@@ -281,9 +281,7 @@ def test_resume_falls_back_from_a_corrupt_checkpoint(tiny_run, tmp_path):
 
 
 ELASTIC_SCRIPT = r"""
-import json, os, sys, threading, time
-# after the node is gone, fall back to the workers that fit sooner than Ray Train's default 60 s
-os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "15"
+import json, sys, threading, time
 import ray
 from ray.cluster_utils import Cluster
 
