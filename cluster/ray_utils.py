@@ -31,7 +31,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    runtime_env = {"env_vars": WORKER_ENV}
+    # The S3 settings too, so that tasks that touch storage need no runtime env of their own: one
+    # sends them to a separate worker pool of fresh processes (jobs.prepare.storage_remote_args).
+    runtime_env = {"env_vars": {**WORKER_ENV, **storage_env()}}
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         return

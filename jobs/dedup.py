@@ -30,6 +30,7 @@ import xxhash
 from pydantic import Field, model_validator
 
 from jobs.clean import Section
+from jobs.totals import totals
 
 _WORD = re.compile(r"\w+")
 _MIX = np.uint64(0x9E3779B97F4A7C15)
@@ -100,8 +101,22 @@ def shingle_hashes(text: str, n: int) -> np.ndarray:
     return (h >> np.uint64(32)).astype(np.uint32)
 
 
+def fmix32(h: np.ndarray) -> np.ndarray:
+    """MurmurHash3's 32-bit finalizer: datasketch's pre-mix of scheme affine32 (`minhash._fmix`),
+    written out so that the Ray tasks that compute signatures do not import datasketch, whose
+    package imports scipy (~1.3 s of CPU in every fresh worker process)."""
+    h = h ^ (h >> np.uint32(16))
+    h = h * np.uint32(0x85EBCA6B)
+    h = h ^ (h >> np.uint32(13))
+    h = h * np.uint32(0xC2B2AE35)
+    return h ^ (h >> np.uint32(16))
+
+
 class MinHasher:
-    """Signatures equal to datasketch's `MinHash(num_perm, seed, hashfunc=shingle_hash)`."""
+    """Signatures equal to datasketch's `MinHash(num_perm, seed, hashfunc=shingle_hash)`.
+
+    Built where datasketch is imported anyway (the driver) and pickled to the tasks: it carries
+    datasketch's permutation parameters as two arrays."""
 
     CHUNK = 4096  # shingles per step: bounds the (chunk, num_perm) temporary to 2 MB at 128 perms
 
@@ -113,10 +128,8 @@ class MinHasher:
         self.num_perm = num_perm
 
     def signature(self, hashes: np.ndarray) -> np.ndarray:
-        from datasketch.minhash import _fmix  # datasketch's own pre-mix, so the values match its MinHash
-
         sig = np.full(self.num_perm, np.iinfo(np.uint32).max, dtype=np.uint32)
-        hv = _fmix(hashes.astype(np.uint32), 32)
+        hv = fmix32(hashes.astype(np.uint32))
         for s in range(0, len(hv), self.CHUNK):
             part = hv[s:s + self.CHUNK, None] * self.a + self.b
             np.minimum(sig, part.min(axis=0), out=sig)
@@ -147,15 +160,9 @@ def lsh_report(threshold: float, num_perm: int) -> dict:
 
 # ----------------------------------------------------------------------------- LSH on Ray Data
 
-_HASHERS: dict[tuple[int, int], MinHasher] = {}
-
-
-def band_rows(batch: dict, num_perm: int, seed: int, ngram: int, bands: int, rows: int,
-              partitions: int, verify: bool) -> dict:
+def band_rows(batch: dict, hasher: MinHasher, ngram: int, bands: int, rows: int, partitions: int,
+              verify: bool) -> dict:
     """Ray Data UDF: documents -> one row per (document, band) with the band's bucket key."""
-    key = (num_perm, seed)
-    if key not in _HASHERS:
-        _HASHERS[key] = MinHasher(num_perm, seed)
     t0 = time.process_time()
     hashes = np.asarray(batch["hash"], dtype=np.uint64)
     # a document without words has the empty signature, equal for all such documents: leave
@@ -163,7 +170,7 @@ def band_rows(batch: dict, num_perm: int, seed: int, ngram: int, bands: int, row
     has_words = np.array([bool(_WORD.search(t)) for t in batch["text"]], dtype=bool)
     hashes = hashes[has_words]
     texts = [t for t, ok in zip(batch["text"], has_words) if ok]
-    sigs = _HASHERS[key].signatures(texts, ngram)
+    sigs = hasher.signatures(texts, ngram)
     n = len(texts)
     band = np.repeat(np.arange(bands, dtype=np.int32)[None, :], n, axis=0).reshape(-1)
     keys = np.fromiter(
@@ -248,10 +255,10 @@ def find_near_duplicates(docs, cfg: DedupConfig, num_partitions: int) -> FuzzyRe
     t0 = time.time()
     bands, rows = lsh_params(cfg.threshold, cfg.num_perm)
     band_ds = docs.select_columns(["text", "hash"]).map_batches(band_rows, fn_kwargs={
-        "num_perm": cfg.num_perm, "seed": cfg.seed, "ngram": cfg.ngram, "bands": bands, "rows": rows,
+        "hasher": MinHasher(cfg.num_perm, cfg.seed), "ngram": cfg.ngram, "bands": bands, "rows": rows,
         "partitions": num_partitions, "verify": cfg.verify}, batch_format="numpy").materialize()
     t_sig = time.time()
-    cpu_minhash = float(band_ds.sum("t_minhash") or 0.0)
+    cpu_minhash = float(totals(band_ds, ("t_minhash",)).get("", {}).get("t_minhash", 0.0))
     edges = band_ds.groupby("part", num_partitions=num_partitions).map_groups(
         bucket_edges, batch_format="numpy", fn_kwargs={"threshold": cfg.threshold, "verify": cfg.verify})
     src_parts, dst_parts = [], []

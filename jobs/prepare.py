@@ -17,11 +17,11 @@ sample, the near-duplicate edge list and per-shard metadata. Output (local direc
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import io
 import json
 import math
-import os
 import re
 import time
 from pathlib import Path
@@ -32,10 +32,12 @@ import xxhash
 from pydantic import Field, field_validator
 
 from cluster import storage
+from cluster.ray_utils import storage_env
 from jobs.clean import CleanConfig, clean_batch
 from jobs.config import JobConfig, main
 from jobs.dedup import DedupConfig, apply_dedup, find_near_duplicates
 from jobs.read import file_format  # noqa: F401  (part of this module's interface: jobs.tasks uses it)
+from jobs.totals import totals
 from model.tokenizer import EOT, load_tokenizer, tokenizer_sha256, train_tokenizer
 
 MANIFEST = "manifest.json"
@@ -58,7 +60,9 @@ class PrepareConfig(JobConfig):
     """Reject (reason `undecodable`) non-UTF-8 input whose detected encoding still leaves more U+FFFD than this fraction."""
     clean: CleanConfig = CleanConfig()
     """HTML extraction, normalisation, quality and language filters."""
-    dedup: DedupConfig = DedupConfig()
+    # a factory, not an instance: validating one at import would import datasketch's LSH and scipy
+    # (~1.3 s) in every Ray worker that unpickles a UDF of this module
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
     """Exact and MinHash-LSH near-duplicate removal."""
     markdown_split_level: int | None = None
     """Split each Markdown file into one document per heading of this level (e.g. 3 = `###`)."""
@@ -293,8 +297,16 @@ def unigram_loss(train_counts: np.ndarray, val_counts: np.ndarray) -> float:
 
 def storage_remote_args() -> dict:
     """Ray remote args that hand the driver's AWS settings (endpoint, region, credentials) to the
-    tasks that touch storage, for workers started without them; empty when none are set."""
-    env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    tasks that touch storage, for workers started without them; empty when none are set or the
+    job's runtime env already gives them to every worker (cluster.ray_utils.init_ray does).
+
+    A task-level runtime env is avoided where it can be: it sends its tasks to a worker pool of
+    their own, whose fresh processes each pay seconds of imports, and keeps Ray Data from fusing
+    them with the next stage."""
+    import ray
+
+    job_env = (ray.get_runtime_context().runtime_env or {}).get("env_vars") or {}
+    env = {k: v for k, v in storage_env().items() if job_env.get(k) != v}
     return {"runtime_env": {"env_vars": env}} if env else {}
 
 
@@ -329,19 +341,17 @@ def write_rejects(group: dict, output: str) -> dict:
     return {"file": [name], "records": [len(lines)]}
 
 
-def reason_counts(ds) -> dict[str, dict]:
-    """{reason: {documents, raw_bytes}} by a distributed groupby; "" is the kept documents."""
-    from ray.data.aggregate import Count, Sum
-
-    rows = ds.select_columns(["reason", "raw_bytes"]).groupby("reason", num_partitions=1).aggregate(
-        Count(), Sum("raw_bytes")).take_all()
-    return {r["reason"]: {"documents": int(r["count()"]), "raw_bytes": int(r["sum(raw_bytes)"] or 0)} for r in rows}
+def reason_counts(sums: dict[str, dict]) -> dict[str, dict]:
+    """{reason: {documents, raw_bytes}} from `totals(ds, ("raw_bytes", ...), by="reason")`; "" is the
+    kept documents."""
+    return {r: {"documents": int(v["rows"]), "raw_bytes": int(v["raw_bytes"])} for r, v in sums.items()}
 
 
 def num_partitions(total_bytes: int, cpus: int) -> int:
     """Hash partitions of a shuffle: ~128 MB each (a partition must fit one worker's memory), and
-    at least one per CPU once there are a few MB per CPU to share."""
-    return max(1, math.ceil(total_bytes / (128 << 20)), min(cpus, total_bytes // (4 << 20)))
+    at least one per CPU once there is a MB per CPU to share: the documents are tokenized in the
+    partitions of the dedup shuffle, at about a second of CPU per MB."""
+    return max(1, math.ceil(total_bytes / (128 << 20)), min(cpus, total_bytes // (1 << 20)))
 
 
 def clear_output(cfg: PrepareConfig) -> None:
@@ -361,7 +371,37 @@ def clear_output(cfg: PrepareConfig) -> None:
             fs.delete_file(rel)
 
 
+@contextlib.contextmanager
+def task_shuffles():
+    """Ray Data shuffles (groupby) of the datasets created inside: sort-based tasks in the job's
+    own worker pool.
+
+    Ray Data's default hash shuffle (SHUFFLE_V2) runs its map and its reduce tasks in two worker
+    pools of their own (told apart by runtime-env variables), and Ray keeps only about one idle
+    worker per CPU. So every shuffle started fresh worker processes, each importing Ray Data and
+    this module again (~3.5 s of CPU), and evicted the workers the next stage needed: 22 worker
+    processes instead of 10 for the Python docs on 2 cores, and most of the wall time beyond the
+    per-document work (docs/benchmarks.md). The pull-based sort shuffle moves blocks^2 small
+    objects, which is cheap at the hundreds of blocks of this pipeline's inputs per machine.
+    """
+    from ray.data import DataContext
+    from ray.data.context import ShuffleStrategy
+
+    ctx = DataContext.get_current()
+    before = ctx.shuffle_strategy
+    ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    try:
+        yield
+    finally:
+        ctx.shuffle_strategy = before
+
+
 def run(cfg: PrepareConfig) -> dict:
+    with task_shuffles():  # Ray Data datasets keep the context they were created in
+        return prepare(cfg)
+
+
+def prepare(cfg: PrepareConfig) -> dict:
     import ray
 
     from cluster.ray_utils import init_ray
@@ -386,17 +426,15 @@ def run(cfg: PrepareConfig) -> dict:
     split_args = {"seed": cfg.seed, "val_fraction": cfg.val_fraction,
                   "train_shards": train_shards, "val_shards": val_shards}
     records = read_documents(cfg, sized, cpus).map_batches(assign, fn_kwargs=split_args).materialize()
-    by_reason = reason_counts(records)
-    cpu = records.sum(["t_read", "t_clean"]) if records.count() else {}
-    lap("read+clean", cpu_seconds_read=round(float(cpu.get("sum(t_read)") or 0), 3),
-        cpu_seconds_clean=round(float(cpu.get("sum(t_clean)") or 0), 3))
+    sums = totals(records, ("raw_bytes", "n_bytes", "t_read", "t_clean"), by="reason")
+    by_reason = reason_counts(sums)
+    lap("read+clean", cpu_seconds_read=round(sum(v["t_read"] for v in sums.values()), 3),
+        cpu_seconds_clean=round(sum(v["t_clean"] for v in sums.values()), 3))
     docs = records.map_batches(select, fn_kwargs={"keep": "docs"}, batch_format="numpy")
-    clean_kept = by_reason.get("", {"documents": 0, "raw_bytes": 0})
-    if clean_kept["documents"] == 0:
+    if "" not in by_reason:
         dropped = {k: v["documents"] for k, v in by_reason.items() if k}
         raise ValueError(f"inputs: no document survived reading and cleaning {len(files)} file(s); dropped by reason: {dropped}")
-    text_bytes = int(docs.sum("n_bytes") or 0)
-    parts = num_partitions(text_bytes, cpus)
+    parts = num_partitions(int(sums[""]["n_bytes"]), cpus)
 
     # dedup
     fuzzy = None
@@ -408,7 +446,7 @@ def run(cfg: PrepareConfig) -> dict:
     dedup_rejects = None
     if cfg.dedup.exact or cfg.dedup.fuzzy:
         deduped = apply_dedup(docs, fuzzy, cfg.dedup.exact, parts).materialize()
-        dup_reasons = reason_counts(deduped)
+        dup_reasons = reason_counts(totals(deduped, ("raw_bytes",), by="reason"))
         by_reason.update({k: v for k, v in dup_reasons.items() if k})
         docs = deduped.map_batches(select, fn_kwargs={"keep": "docs", "columns": ("text", "raw_bytes")},
                                    batch_format="numpy").map_batches(assign, fn_kwargs=split_args).materialize()
@@ -417,7 +455,8 @@ def run(cfg: PrepareConfig) -> dict:
         lap("dedup apply")
     else:
         docs = docs.materialize()
-    n_docs, total_bytes = docs.count(), int(docs.sum("n_bytes") or 0)
+    kept = totals(docs, ("n_bytes",)).get("", {"rows": 0, "n_bytes": 0})
+    n_docs, total_bytes = int(kept["rows"]), int(kept["n_bytes"])
     if n_docs == 0:
         raise ValueError(f"inputs: no document left after dedup of {len(files)} file(s)")
 
