@@ -473,6 +473,10 @@ def train_loop_per_worker(config: dict) -> None:
             log.flush()
 
     tokens_per_step = cfg.global_batch_size * manifest["seq_len"]
+    # DeepSpeed records the gradient norm for its ZeRO and mixed-precision optimizers, not for a
+    # plain fp32 one (ZeRO-0 on CPU), whose gradients are whole on every rank: measure it here.
+    own_grad_norm = cfg.zero_stage == 0 and not bf16 and not pp
+    grad_norm = 0.0
     engine.train()
     while step < cfg.max_steps:
         t0 = time.perf_counter()
@@ -485,6 +489,9 @@ def train_loop_per_worker(config: dict) -> None:
                 x, y = train.micro_batch(step, cfg.global_batch_size, rank, world, m, cfg.micro_batch_size)
                 _, loss = engine(x.to(device), y.to(device))
                 engine.backward(loss)
+                if own_grad_norm and m == grad_accum - 1:  # the boundary: gradients are all-reduced, not yet clipped
+                    grad_norm = float(torch.nn.utils.get_total_norm(
+                        [p.grad for p in engine.module.parameters() if p.grad is not None]))
                 engine.step()
                 loss_sum += loss.detach().double().cpu()
             dist.all_reduce(loss_sum)
@@ -499,7 +506,7 @@ def train_loop_per_worker(config: dict) -> None:
             "step": step,
             "loss": step_loss,
             "lr": lr_at(step - 1, cfg),
-            "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+            "grad_norm": grad_norm if own_grad_norm else float(engine.get_global_grad_norm() or 0.0),
             "tokens_per_s": tps,
             "tokens": step * tokens_per_step,
             "world_size": world,

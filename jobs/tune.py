@@ -24,6 +24,7 @@ import csv
 import io
 import json
 import math
+import re
 import time
 from datetime import datetime, timezone
 from typing import Any, Literal
@@ -224,27 +225,29 @@ def _first_error(e: Exception) -> str:
 # ----------------------------------------------------------------------------- trial
 
 
-def _diverged(err: BaseException) -> bool:
-    """A Train failure caused by the loop's FloatingPointError (non-finite loss) on any worker."""
+DIVERGED = re.compile(r"training diverged: loss is \S+ at step (\d+)")
+
+
+def diverged_at(err: BaseException) -> int | None:
+    """The step of a Train failure caused by the loop's FloatingPointError (non-finite loss) on any worker."""
     failures = getattr(err, "worker_failures", None) or {}
-    return any(isinstance(f, FloatingPointError) or "FloatingPointError" in repr(f) for f in failures.values())
+    for f in failures.values():
+        if m := DIVERGED.search(f"{f!r} {f}"):
+            return int(m.group(1))
+    return None
 
 
 class EvalReportCallback(TuneReportCallback):
-    """The Train-to-Tune bridge: forwards eval reports, and divergence as an infinite eval loss.
+    """The Train-to-Tune bridge: forwards eval reports.
 
-    Runs in the Train controller. Reports without `val_loss` (a checkpoint between evals) are
-    dropped: ASHA and the searchers judge trials on eval loss only, and Tune rejects results
-    that lack the metric.
+    Runs in the Train controller. Reports without `val_loss` (a checkpoint between evals, the
+    loop's divergence report) are dropped: ASHA and the searchers judge trials on eval loss only,
+    and Tune rejects results that lack the metric. Divergence reaches Tune from `run_trial`.
     """
 
     def after_report(self, run_context, metrics, checkpoint):
-        m = metrics[0]
-        if m.get("diverged"):
-            m = {**m, METRIC: math.inf}
-        elif METRIC not in m:
-            return
-        super().after_report(run_context, [m], checkpoint)
+        if METRIC in metrics[0]:
+            super().after_report(run_context, metrics, checkpoint)
 
 
 PLACEMENT_GROUP = "placement_group.txt"
@@ -299,11 +302,14 @@ def run_trial(config: dict, base: dict, trials_dir: str) -> None:
     try:
         make_trainer(cfg, manifest, mcfg, callbacks=[EvalReportCallback()], loop=trial_loop).fit()
     except Exception as e:
-        if not _diverged(e):
+        step = diverged_at(e)
+        if step is None:
             raise
-        # The bridge has reported val_loss=inf with diverged=True; returning normally ends
-        # this trial as a result (not an error) and lets the sweep carry on.
-        print(f"trial {trial_id}: diverged with lr={cfg.lr:g}", flush=True)
+        # Reported here rather than by the bridge: Train may handle the worker's failure before the
+        # report the worker made just before it, and then the divergence would never reach Tune.
+        # A result (not an error) with val_loss=inf ends this trial and lets the sweep carry on.
+        tune.report({"step": step, "loss": math.nan, METRIC: math.inf, "diverged": True})
+        print(f"trial {trial_id}: diverged at step {step} with lr={cfg.lr:g}", flush=True)
 
 
 # ----------------------------------------------------------------------------- sweep
