@@ -68,9 +68,21 @@ def spec_from_file(path: Path, kind: str | None, sets: list[str] | None = None) 
     try:
         for key, value in parse_overrides(sets or []).items():
             set_dotted(spec, key, value)
+        return inline_nested_files(spec)
     except ConfigError as e:
         _fail(str(e))
-    return spec
+
+
+def inline_nested_files(spec: dict) -> dict:
+    """Nested configs given as file names (tune's `pretrain: configs/demo.yaml`), read here: the
+    service reads no files, and the file is on this machine, where a local run would read it."""
+    from jobs.config import load_config
+    from service.specs import CLASS_BY_KIND, nested_models
+
+    cls = CLASS_BY_KIND.get(spec.get("kind"))
+    nested = nested_models(cls) if cls else {}
+    return {k: load_config(nested[k], v).model_dump(mode="json") if k in nested and isinstance(v, str) else v
+            for k, v in spec.items()}
 
 
 def _api_errors(fn):

@@ -24,7 +24,7 @@ from service import ray_jobs, schemas
 from service.db import ACTIVE, TERMINAL, Event, Job, now
 from service.security import PathRejected, Tenant, check_path
 from service.settings import Settings
-from service.specs import model_fields_of, path_values, resources, with_values
+from service.specs import nested_models, path_values, resources, with_values
 
 log = logging.getLogger("raylm.service")
 
@@ -55,7 +55,7 @@ def check_raw_spec(raw: Any, cls: type[JobConfig] | None) -> None:
     paths (ModelConfig reads `configs/model/<preset>.yaml`)."""
     errors = []
     if isinstance(raw, dict) and cls is not None:
-        for name in model_fields_of(cls):
+        for name in nested_models(cls):
             if isinstance(raw.get(name), str):
                 errors.append(field_error((name,), "must be given inline; the service reads no config files",
                                           "inline_required"))

@@ -81,18 +81,21 @@ def with_values(spec: JobConfig, replacements: dict[Loc, str]) -> JobConfig:
     return spec_adapter.validate_python(data)
 
 
-def model_fields_of(cls: type[BaseModel]) -> list[str]:
-    """Fields typed as a model (optionally `| None`): they must arrive inline, never as a file name.
+def nested_models(cls: type[BaseModel]) -> dict[str, type[BaseModel]]:
+    """Fields typed as a model (optionally `| None`), with that model: they must arrive inline, never
+    as a file name.
 
     Some configs accept a path to a YAML file in place of a nested config (tune's `pretrain`); the
-    service must not read files on its own host because a request names them.
+    service must not read files on its own host because a request names them. The CLI inlines
+    such files on the user's side (service/cli.py).
     """
-    out = []
+    out = {}
     for name, field in cls.model_fields.items():
         ann = field.annotation
         args = typing.get_args(ann) if typing.get_origin(ann) in (Union, types.UnionType) else (ann,)
-        if any(isinstance(a, type) and issubclass(a, BaseModel) for a in args):
-            out.append(name)
+        for a in args:
+            if isinstance(a, type) and issubclass(a, BaseModel):
+                out[name] = a
     return out
 
 

@@ -394,7 +394,7 @@ def test_openapi_fuzz_no_server_errors(api, workspace):
     assert client(api, workspace, "carol").list().total == 0
 
 
-def test_cli_run_locally_and_spec_files(ray_head, workspace, tmp_path):
+def test_cli_run_locally_and_spec_files(ray_head, workspace, tmp_path, monkeypatch):
     """`raylm run` runs a job in-process, without the service (here attached to the test head)."""
     from service.cli import spec_from_file
 
@@ -403,6 +403,10 @@ def test_cli_run_locally_and_spec_files(ray_head, workspace, tmp_path):
     pipe.write_text(yaml.safe_dump({"prepare": {"output": "x"}, "pretrain": {"data": "x", "output": "y"}}))
     assert spec_from_file(pipe, "pretrain", ["model.n_layers=1"]) == {"kind": "pretrain", "data": "x", "output": "y",
                                                                       "model": {"n_layers": 1}}
+    # a nested config named by file (the service reads no files) is inlined on the client
+    monkeypatch.chdir(REPO)
+    tune = spec_from_file(REPO / "configs" / "tune-demo.yaml", None)
+    assert tune["pretrain"]["data"] == "runs/demo/data" and tune["pretrain"]["model"]["d_model"] == 128
     if not (ws / "alice" / "run").is_dir():
         pytest.skip("needs the pretrain run of test_pipeline_sdk_cli_restart")
     g = tmp_path / "gen.yaml"
@@ -413,6 +417,50 @@ def test_cli_run_locally_and_spec_files(ray_head, workspace, tmp_path):
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((tmp_path / "s.jsonl").read_text().splitlines()[0])["prompt"] == "KING:"
+
+
+def tune_spec(ws: Path, output: str, **search) -> dict:
+    """A learning-rate sweep of 1-worker, 4-step trials of a half-width proxy of TINY_MODEL."""
+    return {"kind": "tune", "output": output,
+            "pretrain": {"data": str(ws / "alice" / "prep"), "output": f"{output}-target", "model": TINY_MODEL,
+                         "num_workers": 1, "zero_stage": 0, "global_batch_size": 4, "micro_batch_size": 4,
+                         "max_steps": 40, "warmup_steps": 2},
+            "proxy": {"d_model": 32, "d_ff": 64},
+            "trial": {"max_steps": 4, "eval_every": 2, "eval_batches": 1, "warmup_steps": 1}, **search}
+
+
+@pytest.mark.slow
+def test_tune_sweep_through_api_and_ray_job_submit(api, workspace, ray_head, tmp_path):
+    """A sweep is a job like any other: kind `tune` through the SDK, and `ray job submit` as in the README."""
+    from jobs.pretrain import PretrainConfig
+
+    ws = workspace["dir"]
+    if not (ws / "alice" / "prep" / "manifest.json").exists():
+        pytest.skip("needs the prepare output of test_pipeline_sdk_cli_restart")
+    c = client(api, workspace, "alice")
+    job = c.submit(tune_spec(ws, "sweep", searcher="grid", num_samples=2, search={"lr": [1e-3, 1e-2]}))
+    assert job.spec["output"] == str(ws / "alice" / "sweep")
+    assert c.wait(job.id, timeout=900) == "SUCCEEDED", "".join(c.logs(job.id, tail=80))
+    sweep = ws / "alice" / "sweep"
+    summary = json.loads((sweep / "sweep.json").read_text())
+    assert summary["trials"] == 2 and summary["best"]["lr"] in (1e-3, 1e-2)
+    best = PretrainConfig.model_validate(yaml.safe_load(c.artifact(job.id, "best.yaml")))
+    assert best.lr == pytest.approx(summary["best"]["lr"] * 32 / 64) and best.model.d_model == 64
+    a = c.artifacts(job.id)
+    assert "trials.csv" in [m.path for m in a.metrics] and "loss_vs_lr.png" in [p.path for p in a.plots]
+
+    # `ray job submit --working-dir .` with a config file, against the same head and its token
+    config = tmp_path / "tune.yaml"
+    config.write_text(yaml.safe_dump(tune_spec(ws, str(ws / "alice" / "sweep-cli"), num_samples=1,
+                                               search={"lr": [1e-3, 1e-2]})))
+    r = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", ray_head["url"], "--working-dir", ".",
+                        "--", "python", "-m", "jobs.tune", "--config", str(config)],
+                       cwd=REPO, env=ray_head["env"], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0 and "succeeded" in r.stdout, (r.stdout[-3000:], r.stderr[-3000:])
+    assert "best proxy lr" in r.stdout
+    out = ws / "alice" / "sweep-cli"
+    assert json.loads((out / "sweep.json").read_text())["trials"] == 1
+    assert PretrainConfig.model_validate(yaml.safe_load((out / "best.yaml").read_text())).model.d_model == 64
 
 
 def test_50_concurrent_submissions_idempotent(api, workspace, ray_head):
