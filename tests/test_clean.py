@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from jobs.clean import CleanConfig, clean_batch, clean_one, extract_html, normalize, quality_reason
+from jobs.clean import _FTFY, CleanConfig, clean_batch, clean_one, extract_html, fix_mojibake, normalize, quality_reason
 
 CFG = CleanConfig()
 VOCAB = ["river", "stone", "garden", "window", "little", "morning", "silver", "quiet", "people", "travel",
@@ -67,6 +67,14 @@ def test_normalize_fixes_mojibake_nfc_controls_and_whitespace():
     assert "\n    indented code\n" in out  # indentation kept, inner runs collapsed
     assert out.endswith("\n") and not out.endswith("\n\n")
     assert normalize(" \n\t \n") == ""
+
+
+def test_mojibake_fixed_line_by_line_as_ftfy_does():
+    import ftfy
+
+    doc = "plain ASCII &amp; line\nschÃ¶n and â€œquotedâ€\x9d\n\nmore ASCII\nï¬\x81ne ligature, Ｗｉｄｅ\nlast"
+    assert fix_mojibake(doc) == ftfy.fix_text(doc, _FTFY)
+    assert "schön" in fix_mojibake(doc) and "&amp;" in fix_mojibake(doc)  # entities are the extractor's
 
 
 PAGE = """<html><head><title>T</title><script>var x = 1;</script></head><body>
