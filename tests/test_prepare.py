@@ -29,12 +29,12 @@ def prose(seed: int, n_words: int = 40) -> str:
     return " ".join(words[:20]) + ".\n" + " ".join(words[20:]) + ".\n"
 
 
-def warc_record(uri: str, ctype: str, body: bytes) -> bytes:
+def warc_record(uri: str, ctype: str, body: bytes, compress=gzip.compress) -> bytes:
     http = f"HTTP/1.1 200 OK\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
     head = (f"WARC/1.0\r\nWARC-Type: response\r\nWARC-Target-URI: {uri}\r\nWARC-Date: 2026-01-01T00:00:00Z\r\n"
             f"WARC-Record-ID: <urn:uuid:{random.Random(uri).getrandbits(128):032x}>\r\n"
             f"Content-Type: application/http; msgtype=response\r\nContent-Length: {len(http)}\r\n\r\n").encode()
-    return gzip.compress(head + http + b"\r\n\r\n")  # one gzip member per record, as Common Crawl
+    return compress(head + http + b"\r\n\r\n")  # one gzip member per record, as Common Crawl
 
 
 def html_page(body: str) -> bytes:
@@ -71,6 +71,8 @@ def write_corpus(root: Path) -> dict[str, int]:
         warc_record("http://x/1", "text/html; charset=utf-8", html_page(prose(70).replace("\n", " ")))
         + warc_record("http://x/img", "image/png", b"\x89PNG\r\n\x1a\n" + bytes(64))
         + warc_record("http://x/2", "text/html", html_page(prose(71).replace("\n", " "))))
+    (root / "crawl.warc.zst").write_bytes(zstandard.ZstdCompressor().compress(  # zstd over a whole archive
+        warc_record("http://z/1", "text/html", html_page(prose(72).replace("\n", " ")), compress=bytes)))
     (root / "dup.txt").write_text(prose(1))  # exact duplicate of a.txt
     with open(root / "huge.txt", "wb") as f:  # a single 100 MB document
         f.truncate(100 * 1000 * 1000)
@@ -111,11 +113,17 @@ def test_every_format_and_bad_input_is_counted(bad_run, capsys):
     assert ("huge.txt", "too_large") in src and ("docs.jsonl", "bad_json") in src
     assert src[("docs.jsonl", "bad_json")] == len(json.dumps({"text": prose(10), "id": 0})) + 1
     assert {("cut.jsonl.gz", "truncated"), ("cut.jsonl.zst", "truncated")} <= set(src)
+    assert not [r for r in rejects if Path(r["source"]).name == "crawl.warc.zst"]
+    from jobs.read import read_units
+
+    read = [b for b in read_units({"paths": [[str(root / "in" / "crawl.warc.zst")]]}, "auto", {
+        "text_field": "text", "max_document_bytes": 1 << 20, "max_replacement_fraction": 0.01, "markdown_split_level": None})]
+    assert prose(72).split()[0] in read[0]["text"][0]  # the page inside the zstd-compressed archive
     # the records before a truncation are kept; nothing vanished: in = out + every reject
     funnel = report["funnel"]
     assert funnel[0]["documents_in"] == funnel[-1]["documents_out"] + len(rejects)
     assert funnel[-1]["documents_out"] == manifest["splits"]["train"]["documents"] + manifest["splits"]["val"]["documents"]
-    kept_min = 1 + 1 + 4 + 3 + 3 + 2 + 1 + 1 + 2 + 1  # txt, latin1, jsonl, gz, zst, parquet, html x2, warc, cut > 0
+    kept_min = 1 + 1 + 4 + 3 + 3 + 2 + 1 + 1 + 2 + 1 + 1  # txt, latin1, jsonl, gz, zst, parquet, html x2, warc, cut > 0, warc.zst
     assert funnel[-1]["documents_out"] >= kept_min
     assert manifest["splits"]["train"]["sequences"] > 0
     arr = np.load(out / manifest["splits"]["train"]["shards"][0]["file"])
