@@ -26,7 +26,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
     `address` (or RAY_ADDRESS) joins a running cluster; that is also how jobs started by
     `ray job submit` attach to theirs. Without one, start a local Ray. A small machine gets at least
-    4 logical CPUs, so that 2 training workers plus the Ray Data/driver tasks can be scheduled.
+    4 logical CPUs, so that 2 training workers plus the Ray Data/driver tasks can be scheduled,
+    and the dashboard on 127.0.0.1 (its address is printed).
     """
     if ray.is_initialized():
         return
@@ -40,7 +41,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     ray.init(
         address="local",  # never attach by accident to another `ray start` cluster on this machine
         num_cpus=num_cpus or max(4, os.cpu_count() or 1),
-        include_dashboard=False,
+        # The dashboard serves the State API, which Ray Train's PlacementGroupCleaner polls every
+        # second (it frees the workers' CPUs of a controller that died): without it the cleaner
+        # cannot work and logs a warning a second. ~2 s more to start; loopback only.
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
         runtime_env=runtime_env,
         log_to_driver=True,
     )

@@ -443,6 +443,25 @@ def save_checkpoint(engine, config: dict, step: int, history: list[dict], metric
                          checkpoint_dir_name=f"checkpoint_{step:07d}")
 
 
+def finish_step(cfg, engine, config: dict, rank: int, history: list[dict], rec: dict, prefix: str = "") -> None:
+    """Record a finished step: log it, and save a checkpoint every `checkpoint_every` steps and at
+    the end; between checkpoints an eval is reported to Ray Train on its own."""
+    import ray.train
+
+    history.append(rec)
+    log_step(rank, rec)
+    if rec["step"] % cfg.checkpoint_every == 0 or rec["step"] == cfg.max_steps:
+        save_checkpoint(engine, config, rec["step"], history, rec, prefix=prefix)
+    elif "eval_loss" in rec:
+        ray.train.report(rec)
+
+
+def absolute_paths(cfg):
+    """The config with `data`, `eval_file` and `output` absolute (local or s3://), as the workers see them."""
+    return cfg.model_copy(update={"data": storage.absolute(cfg.data), "output": storage.absolute(cfg.output),
+                                  "eval_file": storage.absolute(cfg.eval_file) if cfg.eval_file else None})
+
+
 def log_step(rank: int, rec: dict) -> None:
     if rank == 0 and (rec["step"] % 10 == 0 or rec["step"] == 1 or any(k.startswith("eval_") for k in rec)):
         print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in rec.items()}), flush=True)

@@ -92,21 +92,14 @@ def train_loop_per_worker(config: dict) -> None:
                "grad_norm": float(engine.get_global_grad_norm() or 0.0)}
         if evals and (step % cfg.eval_every == 0 or step == cfg.max_steps):
             rec["eval_loss"] = evaluate()
-        history.append(rec)
-        chat.log_step(rank, rec)
-        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
-            chat.save_checkpoint(engine, config, step, history, rec)
-        elif "eval_loss" in rec:
-            ray.train.report(rec)
+        chat.finish_step(cfg, engine, config, rank, history, rec)
 
 
 def run(cfg: SFTConfig) -> dict:
-    from cluster import storage
     from jobs import chat
     from model.tokenizer import load_tokenizer
 
-    cfg = cfg.model_copy(update={"data": storage.absolute(cfg.data), "output": storage.absolute(cfg.output),
-                                 "eval_file": storage.absolute(cfg.eval_file) if cfg.eval_file else None})
+    cfg = chat.absolute_paths(cfg)
     init_dir = chat.resolve_init(cfg.init_from)
     config = chat.loop_config(cfg, init_dir)
     tok = load_tokenizer(config["tokenizer_json"])

@@ -30,6 +30,17 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """In-process models this small run fastest on one thread (2 cores, shared with Ray workers)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # The post-training tests (test_sft, test_dpo, test_reward, test_evaluate, test_serve) share one
 # tiny base model: prepare -> 30-step pretrain -> demo task files, built once per session.
 POSTTRAIN_PLAYS = ("macbeth", "hamlet", "othello", "king-lear", "the-tempest", "twelfth-night")

@@ -18,13 +18,7 @@ from model.tokenizer import train_tokenizer
 TEXT = ["Who speaks next? HERMIA LYSANDER THESEUS: So is Lysander. In himself he is."] * 20
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """In-process models this small run fastest on one thread (2 cores, shared with Ray workers)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_dpo_loss_is_log2_with_zero_margins_at_init():

@@ -16,13 +16,7 @@ from model.tokenizer import encode, train_tokenizer
 TEXT = "the cat sat on the mat\nthe dog ate 12 bones\n"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """In-process models this small run fastest on one thread (2 cores, shared with Ray workers)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

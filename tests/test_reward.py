@@ -17,13 +17,7 @@ from model.tokenizer import train_tokenizer
 WORDS = "sun moon star cloud rain wind tree stone river hill".split()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """In-process models this small run fastest on one thread (2 cores, shared with Ray workers)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def toy_pairs(n: int, seed: int) -> list[PreferencePair]:
