@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import glob
+import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -107,9 +109,6 @@ def end_to_end(html_dir: str, repeats: int) -> None:
     cluster's. The first run on the new cluster also pays for Ray Data's detached actors (its
     autoscaling coordinator), which later jobs find running: it is reported on its own line.
     """
-    import json
-    import subprocess
-
     import ray
     import yaml
 
@@ -126,10 +125,10 @@ def end_to_end(html_dir: str, repeats: int) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     medians = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, kw in corpora:
+        for c, (name, kw) in enumerate(corpora):
             rates = []
             for i in range(repeats):
-                out = os.path.join(tmp, f"out-{len(name)}-{i}")
+                out = os.path.join(tmp, f"out-{c}-{i}")
                 config = Path(tmp) / "prepare.yaml"
                 config.write_text(yaml.safe_dump({"kind": "prepare", "output": out, "seq_len": 128, "num_shards": 4,
                                                   "val_fraction": 0.05, **kw}))
@@ -142,9 +141,9 @@ def end_to_end(html_dir: str, repeats: int) -> None:
                 t = {k: v["seconds"] for k, v in rep["timings"].items()}
                 mb = rep["input"]["raw_bytes"] / 1e6
                 rates.append(mb / rep["seconds"] / cores)
-                run = "first job on the new cluster" if i == 0 and name == corpora[0][0] else f"job {i + 1}"
+                run = "first job on the new cluster" if c == i == 0 else f"job {i + 1}"
                 print(f"| {name} | {run} | {mb:.1f} | {rep['input']['documents']} -> {rep['output']['documents']} | "
-                      f"{rep['seconds']:.1f} | {mb / rep['seconds']:.2f} | {mb / rep['seconds'] / cores:.2f} | "
+                      f"{rep['seconds']:.1f} | {mb / rep['seconds']:.2f} | {rates[-1]:.2f} | "
                       f"{t['read+clean']:.1f} | {t.get('fuzzy: signatures+lsh+components', 0) + t.get('dedup apply', 0):.1f} | "
                       f"{t['tokenizer'] + t['tokenize+pack']:.1f} |   (process wall {wall:.1f} s)")
             medians.append(f"{name}: median {statistics.median(rates):.2f} MB/s per core "

@@ -10,7 +10,6 @@ from __future__ import annotations
 import codecs
 import re
 import time
-import unicodedata
 from collections import Counter
 from typing import Literal
 
@@ -120,7 +119,7 @@ def normalize(text: str) -> str:
     """
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     if not text.isascii():
-        text = unicodedata.normalize("NFC", fix_mojibake(text))
+        text = fix_mojibake(text)  # NFC too: ftfy's config composes each line it fixes
     text = _CONTROL.sub("", text)
     lines = []
     for line in text.split("\n"):
