@@ -233,7 +233,7 @@ def print_table(results: list[dict], meta: dict) -> None:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", nargs="+", default=["tiny", "gpt2-124m"], help="model presets (configs/model/*.yaml)")
+    p.add_argument("--preset", nargs="+", default=["tiny", "gpt2-124m"], help="model presets (model/presets/*.yaml)")
     p.add_argument("--impl", nargs="+", default=list(IMPLS), choices=IMPLS, help="implementations to time")
     p.add_argument("--batch", type=int, help="sequences per step (default: per preset, see CPU_SHAPES/GPU_SHAPES)")
     p.add_argument("--seq", type=int, help="tokens per sequence (default: per preset)")

@@ -53,7 +53,7 @@ def dpo_step(policy, reference, pairs: list, pad_id: int, beta: float, device):
     """(loss, chosen rewards, rejected rewards) of a list of tokenized pairs."""
     import torch
 
-    from jobs.chat import dpo_loss, sequence_logprobs
+    from jobs.posttrain.losses import dpo_loss, sequence_logprobs
 
     x, y = pair_batch(pairs, pad_id)
     x, y = x.to(device), y.to(device)

@@ -21,13 +21,13 @@ raw prompt and continue it (a generated answer is its first non-empty line). Res
 from __future__ import annotations
 
 import math
-import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cluster import storage
 from jobs.config import JobConfig, main
+from jobs.data.answers import is_correct
 
 
 class TaskSpec(BaseModel):
@@ -103,30 +103,6 @@ def read_task(spec: TaskSpec) -> list:
 
 # ----------------------------------------------------------------------------- scoring
 
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-
-
-def extract_number(text: str) -> float | None:
-    """GSM8K-style: the number after the last `####`, else the last number in the text."""
-    if "####" in text:
-        text = text.rsplit("####", 1)[1]
-        found = _NUMBER.findall(text)
-        return float(found[0].replace(",", "")) if found else None
-    found = _NUMBER.findall(text)
-    return float(found[-1].replace(",", "")) if found else None
-
-
-def normalize(text: str) -> str:
-    return " ".join(text.split()).strip(" .,:;!?\"'").lower()
-
-
-def is_correct(prediction: str, answer: str, match: str) -> bool:
-    if match == "number":
-        want, got = extract_number(answer), extract_number(prediction)
-        return want is not None and got is not None and math.isclose(want, got, rel_tol=0, abs_tol=1e-6)
-    return normalize(prediction) == normalize(answer)
-
-
 def prompt_ids(tok, prompt: str, chat: bool) -> list[int]:
     from jobs.chat import Message, chat_prompt_ids
     from model.tokenizer import encode
@@ -138,7 +114,8 @@ def score_multiple_choice(model, tok, items: list[MultipleChoiceItem], chat: boo
     """Log-likelihood of each choice after the prompt; accuracy by sum and by per-byte mean."""
     import torch
 
-    from jobs.chat import IGNORE, pad_batch, reply_ids, sequence_logprobs, special_ids
+    from jobs.chat import IGNORE, pad_batch, reply_ids, special_ids
+    from jobs.posttrain.losses import sequence_logprobs
     from model.tokenizer import encode
 
     pad = special_ids(tok)["pad"]

@@ -35,6 +35,7 @@ from pydantic import model_validator
 from cluster import storage
 from jobs.config import JobConfig, main
 from model import GPT, ModelConfig
+from model.config import same_architecture  # noqa: F401  (jobs.pretrain imports it from here)
 
 EXPORT_FORMAT = "raylm.hf_export/1"
 HF_WEIGHTS = "model.safetensors"
@@ -363,19 +364,6 @@ def read_hf_weights(hf_dir: str | Path) -> dict[str, torch.Tensor]:
             sd.update(load_file(str(d / shard)))
         return sd
     raise FileNotFoundError(f"{d}: no {HF_WEIGHTS} or {HF_INDEX} (only safetensors weights are read)")
-
-
-# What decides the computation (and the weights' shapes); the rest are training settings.
-ARCH_FIELDS = ("arch", "vocab_size", "n_layers", "n_heads", "kv_heads", "d_model", "ff_dim", "max_seq_len",
-               "rope_theta", "norm_eps", "tie_embeddings")
-
-
-def same_architecture(a: ModelConfig, b: ModelConfig, ignore: tuple[str, ...] = ()) -> bool:
-    """Whether two configs build the same network, however they spell it (n_kv_heads None or
-    n_heads, d_ff None or its default); fields in `ignore` are not compared."""
-    if a.arch == "gpt2":  # learned positions: rope_theta is never used
-        ignore = (*ignore, "rope_theta")
-    return all(getattr(a, f) == getattr(b, f) for f in ARCH_FIELDS if f not in ignore)
 
 
 def from_hf(export_dir: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor]]:

@@ -52,7 +52,7 @@ def field_error(loc: tuple, msg: str, type_: str) -> dict:
 def check_raw_spec(raw: Any, cls: type[JobConfig] | None) -> None:
     """Refuse, before validation, what validation itself would act on: nested configs given as
     file names (the validator would read that file on the API host) and model presets that are
-    paths (ModelConfig reads `configs/model/<preset>.yaml`)."""
+    paths (ModelConfig reads the package data `model/presets/<preset>.yaml`)."""
     errors = []
     if isinstance(raw, dict) and cls is not None:
         for name in nested_models(cls):

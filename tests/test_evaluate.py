@@ -8,8 +8,9 @@ import math
 import pytest
 import torch
 
-from jobs.evaluate import (GenerativeItem, MultipleChoiceItem, TaskSpec, extract_number, is_correct,
-                           language_modelling, read_task, score_generative, score_multiple_choice)
+from jobs.data.answers import extract_number, is_correct
+from jobs.evaluate import (GenerativeItem, MultipleChoiceItem, TaskSpec, language_modelling, read_task,
+                           score_generative, score_multiple_choice)
 from model import GPT, ModelConfig
 from model.tokenizer import encode, train_tokenizer
 

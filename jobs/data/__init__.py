@@ -1,0 +1,1 @@
+"""Data: reading, cleaning, deduplicating and tokenizing corpora; chat records and task files."""
