@@ -28,8 +28,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jobs.clean import CleanConfig, extract_html, normalize, quality_reason  # noqa: E402
-from jobs.dedup import MinHasher, shingle_hashes  # noqa: E402
+from jobs.data.clean import CleanConfig, extract_html, normalize, quality_reason  # noqa: E402
+from jobs.data.dedup import MinHasher, shingle_hashes  # noqa: E402
 
 
 def main_content(html: str) -> str:
@@ -76,7 +76,8 @@ def bench(html_dir: str, skip_e2e: bool, repeats: int) -> None:
         print(f"| {ex} | {len(pages)} | {html_bytes / 1e6:.1f} | {sec:.2f} | {len(pages) / sec:.0f} | "
               f"{html_bytes / 1e6 / sec:.2f} | {prec:.3f} | {rec:.3f} |")
 
-    from jobs.prepare import default_corpus, markdown_to_text, split_markdown
+    from jobs.data.inputs import default_corpus
+    from jobs.data.read import markdown_to_text, split_markdown
 
     plays = [markdown_to_text(p) for f in default_corpus() for p in split_markdown(Path(f).read_text(), 3)]
     cfg = CleanConfig()
@@ -91,7 +92,7 @@ def bench(html_dir: str, skip_e2e: bool, repeats: int) -> None:
         print(row("quality filters (Gopher/C4)", len(docs), n_bytes, sec, corpus))
         _, sec = timed(lambda d: hasher.signature(shingle_hashes(d, 5)), normed)
         print(row("MinHash signatures (128 perm, 5-gram)", len(docs), n_bytes, sec, corpus))
-        from jobs.clean import detect_language
+        from jobs.data.clean import detect_language
 
         _, sec = timed(detect_language, normed)
         print(row("language id (py3langid, first 20k chars)", len(docs), n_bytes, sec, corpus))

@@ -4,9 +4,9 @@ Every mode trains the same model on the same global batch of random tokens (data
 what is measured) with the engine jobs.pretrain / jobs.pipeline build:
 
   single   plain torch on one process (rank 0, one worker's CPUs), AdamW, grad accumulation
-  zero0    DeepSpeed ZeRO-0 (plain data parallel) on every worker, jobs.pretrain.deepspeed_config
+  zero0    DeepSpeed ZeRO-0 (plain data parallel) on every worker, jobs.train.engine.build_engine
   zero3    the same with ZeRO-3 (parameters, gradients and optimizer state partitioned)
-  pp       jobs.pipeline.pipeline_engine: 2 pipeline stages, ZeRO-0
+  pp       jobs.train.pipeline.pipeline_engine: 2 pipeline stages, ZeRO-0
 
 One TorchTrainer runs them all: each worker builds every engine once, then the modes take turns,
 round by round, so that load from other jobs on a shared machine lands on all of them alike.
@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from jobs.pretrain import PretrainConfig  # noqa: E402
+from jobs.train.config import PretrainConfig  # noqa: E402
 from model import ModelConfig  # noqa: E402
 from train_step import peak_flops  # noqa: E402
 
@@ -50,12 +50,11 @@ def synthetic_batch(step: int, dp_rank: int, micro: int, micro_size: int, seq: i
 
 
 def worker(config: dict) -> None:
-    import deepspeed
     import ray.train
     import torch.distributed as dist
 
-    from jobs.pipeline import pipeline_engine, pipeline_train_step
-    from jobs.pretrain import deepspeed_config, lr_at
+    from jobs.train.engine import build_engine
+    from jobs.train.pipeline import pipeline_engine, pipeline_train_step
     from model import GPT
 
     cfg = PretrainConfig.model_validate(config["cfg"])
@@ -63,19 +62,14 @@ def worker(config: dict) -> None:
     seq, modes, rounds, warmup, steps = config["seq"], config["modes"], config["rounds"], config["warmup"], config["steps"]
     rank = ray.train.get_context().get_world_rank()
     device = ray.train.torch.get_device()
-    bf16 = cfg.use_gpu
     torch.set_num_threads(cfg.cpus_per_worker)
     G, mb = cfg.global_batch_size, cfg.micro_batch_size
 
     def zero_engine(stage: int):
         torch.manual_seed(cfg.seed)
         model = GPT(mcfg)
-        opt = torch.optim.AdamW(model.optim_groups(cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                eps=1e-8, fused=False)
-        engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=opt, config=deepspeed_config(cfg.model_copy(update={"zero_stage": stage}), bf16),
-            lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: lr_at(s, cfg) / cfg.lr),
-            dist_init_required=False)
+        engine = build_engine(cfg.model_copy(update={"zero_stage": stage}), model,
+                              model.optim_groups(cfg.weight_decay), dist.get_world_size())
 
         def step(s: int) -> None:
             for m in range(cfg.grad_accum):
@@ -105,7 +99,7 @@ def worker(config: dict) -> None:
         return step
 
     def pp_engine():
-        engine = pipeline_engine(cfg, mcfg, 2, bf16)
+        engine = pipeline_engine(cfg.model_copy(update={"pipeline_stages": 2, "zero_stage": 0}), mcfg)
 
         def step(s: int) -> None:
             d = engine.grid.data_parallel_id

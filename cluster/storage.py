@@ -130,6 +130,13 @@ def list_files(uri: str | os.PathLike, recursive: bool = True) -> list[str]:
     return sorted(prefix + i.path for i in infos if i.type == pafs.FileType.File)
 
 
+def relative_files(uri: str | os.PathLike) -> list[str]:
+    """Files under a directory/prefix as '/'-separated paths relative to it, sorted."""
+    fs, root = resolve(uri)
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    return sorted(i.path[len(root) + 1:] for i in infos if i.type == pafs.FileType.File)
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

@@ -33,6 +33,12 @@ class JobConfig(BaseModel):
         return hashlib.sha256(json.dumps(self.resolved(), sort_keys=True).encode()).hexdigest()
 
 
+class Section(BaseModel):
+    """Base of a nested config section (a job's `clean:`, `dedup:`, `search:` ...): unknown keys rejected."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)
+
+
 class ConfigError(ValueError):
     """A config file that cannot be used; the message names the file and the key."""
 

@@ -303,7 +303,7 @@ def produced(output: Any) -> dict[str, Any]:
     except (OSError, ValueError):
         pass
     try:
-        from jobs.pretrain import latest_checkpoint
+        from jobs.checkpoint.layout import latest_checkpoint
 
         out["checkpoint"] = latest_checkpoint(output)
     except (OSError, FileNotFoundError):

@@ -17,18 +17,13 @@ from typing import Annotated, Any, Iterator, Union
 
 from pydantic import BaseModel, Field, TypeAdapter
 
+# The config modules only: they import neither torch nor Ray, so the API starts in a second.
+from jobs.checkpoint.config import ExportConfig
 from jobs.config import JobConfig, job_kind
-from jobs.dpo import DPOConfig
-from jobs.evaluate import EvaluateConfig
-from jobs.export import ExportConfig
-from jobs.generate import GenerateConfig
-from jobs.prepare import PrepareConfig
-from jobs.pretrain import PretrainConfig
-from jobs.reward import RewardConfig
-from jobs.serve import ServeConfig
-from jobs.sft import SFTConfig
-from jobs.tasks import TasksConfig
-from jobs.tune import TuneConfig
+from jobs.data.config import PrepareConfig, TasksConfig
+from jobs.infer.config import EvaluateConfig, GenerateConfig, ServeConfig
+from jobs.posttrain.config import DPOConfig, RewardConfig, SFTConfig
+from jobs.train.config import PretrainConfig, TrainConfig, TuneConfig
 
 SPEC_CLASSES: tuple[type[JobConfig], ...] = (
     PrepareConfig, PretrainConfig, TuneConfig, GenerateConfig, ExportConfig, SFTConfig, DPOConfig, RewardConfig,
@@ -110,7 +105,7 @@ def resources(spec: JobConfig) -> dict[str, float]:
         one = resources(PretrainConfig.model_validate(spec.trial_base()))
         n = spec.max_concurrent or spec.num_samples
         return {"cpus": one["cpus"] * n, "gpus": one["gpus"] * n}
-    workers = getattr(spec, "num_workers", 1)
+    workers = spec.worker_range[1] if isinstance(spec, TrainConfig) else 1  # an elastic run may grow to its max
     cpus = workers * getattr(spec, "cpus_per_worker", 1)
     gpus = workers if getattr(spec, "use_gpu", False) else 0
     return {"cpus": cpus, "gpus": gpus}

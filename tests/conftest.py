@@ -53,7 +53,8 @@ def tiny_chat_base(ray_local, tmp_path_factory):
     """(root, base checkpoint dir, prepare manifest): a 30-step base model and the tasks of jobs.tasks under root/tasks."""
     from pathlib import Path
 
-    from jobs.prepare import PrepareConfig, default_corpus
+    from jobs.data.inputs import default_corpus
+    from jobs.prepare import PrepareConfig
     from jobs.prepare import run as prepare
     from jobs.pretrain import PretrainConfig
     from jobs.pretrain import run as pretrain
@@ -73,3 +74,27 @@ def tiny_chat_base(ray_local, tmp_path_factory):
     build_tasks(TasksConfig(data=str(root / "data"), output=str(root / "tasks"), train_items_per_kind=150,
                             eval_items_per_kind=24, max_prompt_chars=200))
     return root, summary["checkpoint"], manifest
+
+
+def scrambled(text: str, seed: int) -> str:
+    """The same characters in another order: the length and letters of `text`, none of its words."""
+    import random
+
+    chars = list(text)
+    random.Random(seed).shuffle(chars)
+    return "".join(chars)
+
+
+def fluent_or_scrambled(next_line_file, n: int) -> list[dict]:
+    """A case any trained language model gets right: jobs.tasks' next_line items with the true
+    line against three scrambles of it (each choice has the same characters)."""
+    import json
+
+    items = [json.loads(x) for x in open(next_line_file).read().splitlines()[:n]]
+    out = []
+    for i, it in enumerate(items):
+        true = it["choices"][it["answer"]]
+        choices = [scrambled(true, 3 * i + k) for k in range(3)]
+        choices.insert(i % 4, true)
+        out.append({"prompt": it["prompt"], "choices": choices, "answer": i % 4})
+    return out

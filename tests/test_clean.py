@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from jobs.clean import _FTFY, CleanConfig, clean_batch, clean_one, extract_html, fix_mojibake, normalize, quality_reason
+from jobs.data.clean import _FTFY, CleanConfig, clean_batch, clean_one, extract_html, fix_mojibake, normalize, quality_reason
 
 CFG = CleanConfig()
 VOCAB = ["river", "stone", "garden", "window", "little", "morning", "silver", "quiet", "people", "travel",

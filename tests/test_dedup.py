@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from datasketch import LeanMinHash, MinHash
 
-from jobs.dedup import (DedupConfig, MinHasher, apply_dedup, connected_components, find_near_duplicates,
+from jobs.data.dedup import (DedupConfig, MinHasher, apply_dedup, connected_components, find_near_duplicates,
                         lsh_params, lsh_report, shingle_hash, shingle_hashes, shingles)
-from jobs.prepare import doc_hash
+from jobs.data.prepare import doc_hash
 
 THRESHOLD = 0.8
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from jobs.chat import PreferencePair, pair_example, special_ids
+from jobs.data.chat import PreferencePair, pair_example, special_ids
 from jobs.posttrain.losses import dpo_loss
-from jobs.dpo import dpo_step
+from jobs.posttrain.dpo import dpo_step
 from model import GPT, ModelConfig
 from model.tokenizer import train_tokenizer
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from jobs.data.answers import extract_number, is_correct
-from jobs.evaluate import (GenerativeItem, MultipleChoiceItem, TaskSpec, language_modelling, read_task,
+from jobs.infer.evaluate import (GenerativeItem, MultipleChoiceItem, TaskSpec, language_modelling, read_task,
                            score_generative, score_multiple_choice)
 from model import GPT, ModelConfig
 from model.tokenizer import encode, train_tokenizer
@@ -84,9 +84,8 @@ def test_task_file_errors_name_file_and_line(tmp_path):
 
 @pytest.mark.slow
 def test_bits_per_byte_matches_decoded_bytes(tiny_chat_base):
-    from jobs.chat import load_model
-    from jobs.prepare import load_manifest
-    from jobs.pretrain import ShardLoader
+    from jobs.checkpoint.load import load_model
+    from jobs.data.shards import ShardLoader, load_manifest
     from model.tokenizer import decode
 
     root, ckpt, _ = tiny_chat_base

@@ -17,9 +17,11 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from jobs.config import ConfigError, load_config
-from jobs.export import (ARCH_FIELDS, ExportConfig, cli, export, from_hf, from_hf_state, load_pretrained,
-                         load_state, pretrained_tokenizer, same_architecture, to_hf)
-from jobs.pretrain import write_rank_manifest
+from jobs.checkpoint.layout import write_rank_manifest
+from jobs.checkpoint.load import load_into, load_state_dict, load_tokenizer_of
+from jobs.export import ExportConfig, cli, run as export
+from model.config import ARCH_FIELDS, same_architecture
+from model.hf import from_hf_state, to_hf
 from model import GPT, ModelConfig
 from model.tokenizer import EOT, tokenizer_sha256, train_tokenizer
 
@@ -122,8 +124,8 @@ def test_bf16_export_loads_and_matches_its_own_weights(tmp_path, tok):
     assert hf.dtype == torch.bfloat16 and torch.isfinite(logits_bf16).all()
     # Upcast, the transformers model and ours run the same bf16-rounded weights.
     logits32, _ = theirs(out, x, dtype=torch.float32)
-    mcfg, sd = load_pretrained(out)
-    rounded = load_state(GPT(mcfg).eval(), sd)
+    mcfg, sd = load_state_dict(out)
+    rounded = load_into(GPT(mcfg).eval(), sd)
     assert (logits32 - ours(rounded, x)).abs().max().item() <= 1e-4
     assert 0 < (ours(rounded, x) - ours(model, x)).abs().max().item() < 0.05  # rounded, but only just
 
@@ -139,19 +141,19 @@ def test_round_trip_reproduces_logits_exactly(tmp_path, tok, arch):
     assert same_architecture(mcfg, model.cfg)
     assert not same_architecture(mcfg, model.cfg.model_copy(update={"norm_eps": 1e-3}))
     x = ids(model)
-    assert torch.equal(ours(load_state(GPT(mcfg).eval(), sd), x), ours(model, x))
+    assert torch.equal(ours(load_into(GPT(mcfg).eval(), sd), x), ours(model, x))
 
     # The same through files: export, then from_hf on the directory.
     ck = write_checkpoint(tmp_path / "run", model, tok, step=1)
     export(ExportConfig(checkpoint=str(ck), output=str(tmp_path / "hf")))
-    mcfg, sd = from_hf(tmp_path / "hf")
+    mcfg, sd = load_state_dict(tmp_path / "hf")
     assert mcfg == model.cfg  # exactly the checkpoint's config, from raylm_export.json
-    assert torch.equal(ours(load_state(GPT(mcfg).eval(), sd), x), ours(model, x))
+    assert torch.equal(ours(load_into(GPT(mcfg).eval(), sd), x), ours(model, x))
     # Without our metadata (any HF directory) the config is rebuilt from config.json alone.
     (tmp_path / "hf" / "raylm_export.json").unlink()
-    mcfg, sd = from_hf(tmp_path / "hf")
+    mcfg, sd = load_state_dict(tmp_path / "hf")
     assert same_architecture(mcfg, model.cfg)
-    assert torch.equal(ours(load_state(GPT(mcfg).eval(), sd), x), ours(model, x))
+    assert torch.equal(ours(load_into(GPT(mcfg).eval(), sd), x), ours(model, x))
 
 
 def test_tokenizer_loads_in_transformers_and_encodes_identically(tmp_path, tok):
@@ -168,7 +170,7 @@ def test_tokenizer_loads_in_transformers_and_encodes_identically(tmp_path, tok):
         assert auto.decode(want) == t
     assert auto.eos_token == EOT and auto.eos_token_id == tok.token_to_id(EOT)
     assert auto.pad_token_id == tok.token_to_id("<|pad|>")
-    assert pretrained_tokenizer(out).to_str() == tok.to_str()
+    assert load_tokenizer_of(out).to_str() == tok.to_str()
 
 
 def test_gpt2_with_grouped_query_attention_is_rejected(tmp_path, tok):
@@ -187,16 +189,16 @@ def test_load_pretrained_reads_checkpoints_runs_and_exports(tmp_path, tok):
     export(ExportConfig(checkpoint=str(ck), output=str(tmp_path / "hf")))
     x = ids(model)
     for path in (ck, tmp_path / "run", tmp_path / "hf"):
-        mcfg, sd = load_pretrained(str(path))
+        mcfg, sd = load_state_dict(str(path))
         assert mcfg.arch == "llama" and mcfg.kv_heads == 1 and not mcfg.tie_embeddings
         assert {v.dtype for v in sd.values()} == {torch.float32}
-        assert torch.equal(ours(load_state(GPT(mcfg).eval(), sd), x), ours(model, x)), path
+        assert torch.equal(ours(load_into(GPT(mcfg).eval(), sd), x), ours(model, x)), path
     with pytest.raises(FileNotFoundError, match="neither a checkpoint"):
-        load_pretrained(tmp_path / "nowhere")
-    mcfg, sd = load_pretrained(ck)
+        load_state_dict(tmp_path / "nowhere")
+    mcfg, sd = load_state_dict(ck)
     sd.pop("blocks.0.attn.wq.weight")
     with pytest.raises(ValueError, match=r"blocks\.0\.attn\.wq\.weight"):
-        load_state(GPT(mcfg), sd, "ck")
+        load_into(GPT(mcfg), sd, "ck")
 
 
 def test_from_hf_reads_directories_written_by_transformers(tmp_path):
@@ -217,11 +219,11 @@ def test_from_hf_reads_directories_written_by_transformers(tmp_path):
 
     x = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(0))
     for name, hf in (("llama", llama), ("gpt2", gpt2)):
-        mcfg, state = from_hf(tmp_path / name)
+        mcfg, state = load_state_dict(tmp_path / name)
         with torch.no_grad():
             want = hf(x).logits
-        assert (ours(load_state(GPT(mcfg).eval(), state), x) - want).abs().max().item() <= 1e-4, name
-    assert from_hf(tmp_path / "llama")[0].rope_theta == 300.0
+        assert (ours(load_into(GPT(mcfg).eval(), state), x) - want).abs().max().item() <= 1e-4, name
+    assert load_state_dict(tmp_path / "llama")[0].rope_theta == 300.0
 
 
 def test_unsupported_hf_configs_are_rejected_by_field(tmp_path, tok):

@@ -18,9 +18,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from jobs.pipeline import validate
-from jobs.pretrain import PretrainConfig, ShardLoader, load_weights, lr_at
+from jobs.checkpoint.load import load_into
+from jobs.data.shards import ShardLoader
+from jobs.train.config import PretrainConfig
+from jobs.train.schedule import lr_at
 from model import GPT, ModelConfig
 
 SEQ = 32
@@ -54,8 +57,8 @@ def pp_worker(config: dict) -> None:
     import torch.distributed as dist
     from safetensors.torch import save_file
 
-    from jobs.pipeline import (TokenEmbedding, micro_batches, pipeline_engine, pipeline_eval_loss,
-                               pipeline_train_step, stage_state_dict)
+    from jobs.train.pipeline import (TokenEmbedding, micro_batches, pipeline_engine, pipeline_eval_loss,
+                                     pipeline_train_step, stage_state_dict)
 
     torch.set_num_threads(1)
     cfg = PretrainConfig.model_validate(config["cfg"])
@@ -65,7 +68,7 @@ def pp_worker(config: dict) -> None:
     val = ShardLoader(config["data"], config["manifest"], "val", cfg.seed)
     for name, (model, steps) in MODELS.items():
         mcfg = ModelConfig(**model)
-        engine = pipeline_engine(cfg, mcfg, num_stages=2, bf16=False)
+        engine = pipeline_engine(cfg.model_copy(update={"pipeline_stages": 2, "model": mcfg}), mcfg)
         losses = [pipeline_train_step(engine, micro_batches(engine, train, s, cfg.global_batch_size, cfg.micro_batch_size))
                   for s in range(steps)]
         val_loss = pipeline_eval_loss(engine, val, 2, cfg.global_batch_size, cfg.micro_batch_size)
@@ -171,7 +174,7 @@ def test_consolidated_weights_reproduce_pipeline_eval_loss(pp_run, name):
     d, manifest = pp_run
     mcfg = ModelConfig(**MODELS[name][0])
     got = json.loads((d / f"{name}.json").read_text())
-    model = load_weights(GPT(mcfg), d / f"{name}.safetensors").eval()
+    model = load_into(GPT(mcfg), load_file(str(d / f"{name}.safetensors"))).eval()
     val = ShardLoader(d, manifest, "val", CFG["seed"])
     rows = val.rows(0, 2 * CFG["global_batch_size"], shuffle=False)  # the 2 eval batches
     with torch.no_grad():
@@ -188,10 +191,15 @@ def test_consolidated_weights_reproduce_pipeline_eval_loss(pp_run, name):
     ({"pipeline_stages": 0}, "pipeline_stages"),
 ])
 def test_validate_rejects_invalid_combinations(kwargs, field):
+    def config(pipeline_stages, zero_stage, n_layers, num_workers, global_batch_size, micro_batch_size):
+        return PretrainConfig(data="d", output="o", model={"preset": "tiny", "n_layers": n_layers},
+                              pipeline_stages=pipeline_stages, zero_stage=zero_stage, num_workers=num_workers,
+                              global_batch_size=global_batch_size, micro_batch_size=micro_batch_size)
+
     ok = {"pipeline_stages": 2, "zero_stage": 1, "n_layers": 4, "num_workers": 2, "global_batch_size": 8,
           "micro_batch_size": 2}
-    validate(**ok)  # the valid baseline
-    validate(**{**ok, "pipeline_stages": 1, "zero_stage": 3})  # ZeRO-3 alone is fine
-    validate(**{**ok, "global_batch_size": 12, "micro_batch_size": 4, "num_workers": 6, "pipeline_stages": 2})
-    with pytest.raises(ValueError, match=rf"^{field} \("):
-        validate(**{**ok, **kwargs})
+    config(**ok)  # the valid baseline
+    config(**{**ok, "pipeline_stages": 1, "zero_stage": 3})  # ZeRO-3 alone is fine
+    config(**{**ok, "global_batch_size": 12, "micro_batch_size": 4, "num_workers": 6, "pipeline_stages": 2})
+    with pytest.raises(ValueError, match=rf"{field}"):
+        config(**{**ok, **kwargs})

@@ -17,7 +17,10 @@ import zstandard
 
 from cluster import storage
 from jobs.config import load_config
-from jobs.prepare import PrepareConfig, clear_output, expand_inputs, load_manifest, run
+from jobs.data.inputs import expand_inputs
+from jobs.data.prepare import clear_output
+from jobs.data.shards import load_manifest
+from jobs.prepare import PrepareConfig, run
 
 VOCAB = ["river", "stone", "garden", "window", "little", "morning", "silver", "quiet", "people", "travel",
          "history", "market", "summer", "number", "friend", "letter", "orange", "mountain", "between", "always"]
@@ -114,7 +117,7 @@ def test_every_format_and_bad_input_is_counted(bad_run, capsys):
     assert src[("docs.jsonl", "bad_json")] == len(json.dumps({"text": prose(10), "id": 0})) + 1
     assert {("cut.jsonl.gz", "truncated"), ("cut.jsonl.zst", "truncated")} <= set(src)
     assert not [r for r in rejects if Path(r["source"]).name == "crawl.warc.zst"]
-    from jobs.read import read_units
+    from jobs.data.read import read_units
 
     read = [b for b in read_units({"paths": [[str(root / "in" / "crawl.warc.zst")]]}, "auto", {
         "text_field": "text", "max_document_bytes": 1 << 20, "max_replacement_fraction": 0.01, "markdown_split_level": None})]

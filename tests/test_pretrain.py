@@ -8,17 +8,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from safetensors.torch import save_file
 
 from jobs.config import ConfigError, load_config
-from jobs.generate import GenerateConfig, load_checkpoint
+from jobs.checkpoint.layout import latest_checkpoint, verify_checkpoint
+from jobs.checkpoint.load import load_into, load_model
+from jobs.data.inputs import default_corpus
+from jobs.generate import GenerateConfig
 from jobs.generate import run as generate
-from jobs.prepare import PrepareConfig, default_corpus
+from jobs.prepare import PrepareConfig
 from jobs.prepare import run as prepare
-from jobs.pretrain import PretrainConfig, latest_checkpoint, load_weights, lr_at
+from jobs.pretrain import PretrainConfig
+from jobs.train.schedule import lr_at
 from jobs.pretrain import run as pretrain
 from model import GPT, ModelConfig
 
+ROOT = Path(__file__).resolve().parent.parent
 TINY_MODEL = {"preset": "tiny", "n_layers": 2, "d_model": 64, "n_heads": 4, "n_kv_heads": 2, "d_ff": 128, "max_seq_len": 64}
 
 
@@ -39,10 +45,10 @@ def test_checkpoint_weights_round_trip_gives_identical_logits(tmp_path, tied):
     model = GPT(cfg).eval()
     sd = {k: v.contiguous() for k, v in model.state_dict().items()}
     if tied:
-        sd.pop("lm_head.weight")  # as jobs.pretrain.full_state_dict writes it
+        sd.pop("lm_head.weight")  # as jobs.checkpoint.save.gather_weights writes it
     save_file(sd, str(tmp_path / "model.safetensors"))
     torch.manual_seed(1)
-    again = load_weights(GPT(cfg), tmp_path / "model.safetensors").eval()
+    again = load_into(GPT(cfg), load_file(str(tmp_path / "model.safetensors"))).eval()
     x = torch.randint(0, 300, (2, 20))
     with torch.no_grad():
         assert torch.equal(model(x), again(x))
@@ -98,10 +104,22 @@ def test_prepare_pretrain_generate_end_to_end(tiny_run):
     assert ckpt.endswith("checkpoint_0000040")
     state = json.loads((Path(ckpt) / "train_state.json").read_text())
     assert state["config"]["max_steps"] == 40 and state["tokenizer_sha256"] == data["tokenizer_sha256"]
-    assert sorted(p.name for p in Path(ckpt).glob("rng-rank*.pt")) == ["rng-rank0.pt", "rng-rank1.pt"]
-    # the checkpoint's weights reproduce the logged val loss
-    model, tok, _ = load_checkpoint(ckpt)
+    assert sorted(p.name for p in Path(ckpt).glob("rng-rank*")) == ["rng-rank0.json", "rng-rank1.json"]
+    # the checkpoint's weights reproduce the logged val loss: the loop's eval batches are the
+    # first eval_batches * global_batch_size val rows in file order
+    from jobs.data.shards import ShardLoader
+
+    model, tok, _ = load_model(ckpt)
     assert model.cfg.vocab_size == data["vocab_size"]
+    rows = ShardLoader(root / "data", data, "val", seed=0).rows(0, 2 * 16, shuffle=False)
+    with torch.no_grad():
+        _, loss = model.eval()(rows[:, :-1], rows[:, 1:])
+    assert loss.item() == pytest.approx(history[-1]["val_loss"], rel=1e-5)
+    # the live engine ran the configured layout: 2 data-parallel ZeRO-3 workers, 2 micro-batches each
+    start = json.loads((root / "run" / "events.jsonl").read_text().splitlines()[0])
+    assert start["world_size"] == 2 and start["step"] == 0 and start["resumed_from"] is None
+    assert start["engine"] == {"zero_stage": 3, "data_parallel_size": 2, "gradient_accumulation_steps": 2,
+                               "micro_batch_size": 4, "bf16": False}
 
     samples = generate(GenerateConfig(run=str(root / "run"), prompts=["MACBETH:\n"], max_new_tokens=30, seed=1))
     again = generate(GenerateConfig(run=str(root / "run"), prompts=["MACBETH:\n"], max_new_tokens=30, seed=1))
@@ -116,7 +134,7 @@ def test_planner_matches_the_zero_paper():
     """Rajbhandari et al. 2020, figure 1: a 7.5 B model with mixed-precision Adam on 64 GPUs needs
     120 GB per GPU without ZeRO, 31.4 GB with optimizer sharding, 16.6 GB adding gradients and
     1.9 GB adding parameters (activations excluded)."""
-    from jobs.pretrain import estimate_memory
+    from jobs.train.planner import estimate_memory
 
     mcfg = ModelConfig(vocab_size=0, n_layers=0, d_model=64, n_heads=1, max_seq_len=1)
     n = 7.5e9
@@ -131,7 +149,7 @@ def test_planner_matches_the_zero_paper():
 
 
 def test_plan_refuses_a_run_that_does_not_fit(tmp_path):
-    from jobs.pretrain import check_fits, plan
+    from jobs.train.planner import check_fits, plan
 
     cfg = PretrainConfig(data="d", output="o", model=ModelConfig(preset="llama-7b"), use_gpu=True, zero_stage=0,
                          num_workers=1, global_batch_size=8, micro_batch_size=1)
@@ -163,8 +181,7 @@ def test_invalid_combinations_are_rejected_before_any_worker(overrides, field):
 
 def single_process_losses(root: Path, steps: int, cfg: PretrainConfig | None = None) -> list[float]:
     """The same run in one plain-PyTorch process: same init, data order, optimizer and schedule."""
-    from jobs.prepare import load_manifest
-    from jobs.pretrain import ShardLoader
+    from jobs.data.shards import ShardLoader, load_manifest
 
     state = json.loads((Path(latest_checkpoint(str(root / "run"))) / "train_state.json").read_text())
     cfg = cfg or PretrainConfig.model_validate(state["config"])
@@ -191,6 +208,21 @@ def single_process_losses(root: Path, steps: int, cfg: PretrainConfig | None = N
 
 
 @pytest.mark.slow
+def test_demo_config_runs_as_configured(tiny_run, tmp_path):
+    """configs/demo.yaml's own pretrain section, shortened; the layout is read from the live engine."""
+    root, data, _ = tiny_run
+    cfg = load_config(PretrainConfig, ROOT / "configs" / "demo.yaml", {
+        "data": str(root / "data"), "output": str(tmp_path / "demo"), "max_steps": 4, "warmup_steps": 1,
+        "eval_every": 4, "checkpoint_every": 4})
+    summary = pretrain(cfg)
+    assert summary["steps"] == 4 and math.isfinite(summary["val_loss"])
+    (start,) = starts(tmp_path / "demo")
+    assert start["world_size"] == 2
+    assert start["engine"] == {"zero_stage": 3, "data_parallel_size": 2, "gradient_accumulation_steps": 2,
+                               "micro_batch_size": 8, "bf16": False}
+
+
+@pytest.mark.slow
 def test_zero3_run_tracks_a_single_process_run(tiny_run):
     root, _, _ = tiny_run
     history = [json.loads(x) for x in (root / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -209,13 +241,15 @@ def ray_worker_pids() -> list[int]:
             if "RayTrainWorker" in " ".join(p.cmdline())]
 
 
-def kill_worker_after(run_dir: Path, step: int) -> None:
+def kill_worker_after(run_dir: Path, step: int) -> list[int]:
+    """SIGKILL a Ray Train worker once checkpoint `step` is complete; the returned list receives
+    the killed pid."""
     import os
     import signal
     import threading
     import time
 
-    from jobs.pretrain import verify_checkpoint
+    killed: list[int] = []
 
     def watch():
         ck = str(run_dir / f"checkpoint_{step:07d}")
@@ -225,8 +259,15 @@ def kill_worker_after(run_dir: Path, step: int) -> None:
         pids = ray_worker_pids()
         if pids:
             os.kill(pids[-1], signal.SIGKILL)
+            killed.append(pids[-1])
 
     threading.Thread(target=watch, daemon=True).start()
+    return killed
+
+
+def starts(run: Path) -> list[dict]:
+    """The worker-group starts the run recorded (events.jsonl)."""
+    return [e for e in map(json.loads, (run / "events.jsonl").read_text().splitlines()) if e["event"] == "start"]
 
 
 def run_config(root: Path, output: Path, **kw) -> PretrainConfig:
@@ -244,8 +285,18 @@ def final_weights(run: Path) -> dict:
 def test_killed_worker_resumes_bit_exactly(tiny_run, tmp_path):
     root, _, _ = tiny_run
     out = tmp_path / "killed"
-    kill_worker_after(out, 10)
-    pretrain(run_config(root, out, checkpoint_every=5, max_failures=2))
+    killed = kill_worker_after(out, 10)
+    pretrain(run_config(root, out, checkpoint_every=5, max_failures=2, keep_checkpoints=2))
+    assert killed, "no worker was killed"
+    # the second attempt started from a checkpoint the run records, at a step past 0
+    first, second = starts(out)
+    assert first["step"] == 0 and first["resumed_from"] is None
+    k = second["step"]
+    assert k >= 10 and second["resumed_from"].endswith(f"checkpoint_{k:07d}") and second["attempt"] == 2
+    # keep-K: 8 checkpoints written, the 2 newest kept, both complete
+    kept = sorted(p.name for p in out.glob("checkpoint_*") if p.is_dir())
+    assert kept == ["checkpoint_0000035", "checkpoint_0000040"]
+    assert all(verify_checkpoint(str(out / name)) is None for name in kept)
     a = [json.loads(x) for x in (root / "run" / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [h["step"] for h in b] == list(range(1, 41))
@@ -259,7 +310,6 @@ def test_killed_worker_resumes_bit_exactly(tiny_run, tmp_path):
 def test_resume_falls_back_from_a_corrupt_checkpoint(tiny_run, tmp_path):
     import shutil
 
-    from jobs.pretrain import verify_checkpoint
 
     root, _, _ = tiny_run
     run = tmp_path / "run"
@@ -289,7 +339,8 @@ cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
 nodes = [cluster.add_node(num_cpus=1), cluster.add_node(num_cpus=1)]
 cluster.wait_for_nodes()
 ray.init(address=cluster.address)
-from jobs.pretrain import PretrainConfig, run, verify_checkpoint
+from jobs.checkpoint.layout import verify_checkpoint
+from jobs.pretrain import PretrainConfig, run
 
 cfg = PretrainConfig.model_validate(json.loads(sys.argv[1]))
 
@@ -356,7 +407,8 @@ def s3_server(monkeypatch):
 def test_s3_data_and_checkpoints_and_init_from_an_export(tiny_run, tmp_path, s3_server):
     """Shards read from S3, checkpoints written to S3, weights initialised from an HF export."""
     from cluster import storage
-    from jobs.export import ExportConfig, export
+    from jobs.export import ExportConfig
+    from jobs.export import run as export
 
     root, data, _ = tiny_run
     export(ExportConfig(run=str(root / "run"), output=str(tmp_path / "hf")))
@@ -392,12 +444,16 @@ def test_pipeline_run_tracks_single_process_and_resumes(tiny_run, tmp_path):
     for h, ref in zip(history, single_process_losses(root, 6, cfg)):
         assert h["loss"] == pytest.approx(ref, rel=1e-4), h["step"]
     # the consolidated weights of a pipeline checkpoint load into the plain model
-    model, _, state = load_checkpoint(latest_checkpoint(str(out)))
+    model, _, state = load_model(latest_checkpoint(str(out)))
     assert state["step"] == 6 and model.cfg.n_layers == 2
     # resume from the step-3 pipeline checkpoint reproduces the final weights exactly
     again = tmp_path / "pp-resumed"
     shutil.copytree(out, again)
     (again / "checkpoint_0000006" / "model.safetensors").write_bytes(b"torn")  # newest no longer verifies
     pretrain(cfg.model_copy(update={"output": str(again)}))
+    resumed = starts(again)[-1]
+    assert resumed["step"] == 3 and resumed["resumed_from"].endswith("checkpoint_0000003")
+    b = [json.loads(x) for x in (again / "metrics.jsonl").read_text().splitlines()]
+    assert [h["loss"] for h in b[3:]] == [h["loss"] for h in history[3:]]  # steps 4-6, bit for bit
     wa, wb = final_weights(out), final_weights(again)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)

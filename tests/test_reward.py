@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from jobs.chat import PreferencePair, pair_example, special_ids
-from jobs.reward import RewardModel, pairwise_loss
+from conftest import scrambled
+from jobs.data.chat import PreferencePair, pair_example, special_ids
+from jobs.posttrain.reward import RewardModel, load_reward_model, pairwise_loss
 from model import GPT, ModelConfig
 from model.tokenizer import train_tokenizer
 
@@ -54,29 +55,36 @@ def test_reward_model_learns_separable_preference():
 
 @pytest.mark.slow
 def test_reward_fit_reports_held_out_accuracy(tiny_chat_base, tmp_path):
-    from jobs.generate import load_checkpoint
-    from jobs.reward import RewardConfig, load_reward_model
+    from jobs.checkpoint.load import load_model
+    from jobs.reward import RewardConfig
     from jobs.reward import run as reward
 
     root, base_ckpt, _ = tiny_chat_base
+    # a preference a reward model can learn in a few steps: the true next line over a scramble of it
+    for split, src in (("train", "pairs_train.jsonl"), ("val", "pairs_val.jsonl")):
+        pairs = [json.loads(x) for x in (root / "tasks" / src).read_text().splitlines()][:200]
+        (tmp_path / f"{split}.jsonl").write_text("".join(
+            json.dumps({**p, "rejected": scrambled(p["chosen"], i)}) + "\n" for i, p in enumerate(pairs)))
     summary = reward(RewardConfig(
-        init_from=str(root / "base"), data=str(root / "tasks" / "pairs_train.jsonl"),
-        eval_file=str(root / "tasks" / "pairs_val.jsonl"), output=str(tmp_path / "rm"), num_workers=1,
+        init_from=str(root / "base"), data=str(tmp_path / "train.jsonl"),
+        eval_file=str(tmp_path / "val.jsonl"), output=str(tmp_path / "rm"), num_workers=1,
         global_batch_size=16, micro_batch_size=16, max_steps=8, lr=1e-3, warmup_steps=1, eval_every=4,
         checkpoint_every=8))
     assert summary["error"] is None
     m = summary["metrics"]
-    assert m["eval_pairs"] > 0 and 0 <= m["eval_accuracy"] <= 1 and m["step"] == 8
+    assert m["eval_pairs"] > 0 and m["step"] == 8
+    assert m["eval_accuracy"] >= 0.8, m  # held out; chance is 0.5
     ckpt = Path(summary["checkpoint"])
     assert (ckpt / "value_head.safetensors").is_file()
     # generation-side loaders read the transformer and ignore the head; the reward loader uses both
-    gpt, _, state = load_checkpoint(str(ckpt))
+    gpt, _, state = load_model(str(ckpt))
     assert state["kind"] == "reward"
     rm, tok = load_reward_model(str(ckpt))
-    pair = pair_example(tok, PreferencePair(prompt="Who speaks next?", chosen="HAMLET", rejected="OTHELLO"), 128)
+    held = [pair_example(tok, PreferencePair.model_validate(json.loads(x)), 127)
+            for x in (tmp_path / "val.jsonl").read_text().splitlines()[:16]]
     with torch.no_grad():
-        _, c, r = pairwise_loss(rm, [pair], special_ids(tok)["pad"], "cpu")
-    assert torch.isfinite(c).all() and torch.isfinite(r).all()
+        _, c, r = pairwise_loss(rm, held, special_ids(tok)["pad"], "cpu")
+    assert (c > r).float().mean().item() >= 0.8  # the loaded model scores as the trained one did
     assert torch.equal(rm.body.tok_emb.weight, gpt.tok_emb.weight)
     history = [json.loads(x) for x in (tmp_path / "rm" / "metrics.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history if "eval_accuracy" in h] == [4, 8]

@@ -22,7 +22,8 @@ def free_port() -> int:
 def server(tiny_chat_base):
     from ray import serve
 
-    from jobs.serve import ServeConfig, build_app
+    from jobs.infer.serve import build_app
+    from jobs.serve import ServeConfig
 
     root, _, _ = tiny_chat_base
     port = free_port()

@@ -259,7 +259,7 @@ def test_pipeline_sdk_cli_restart(api, workspace, tmp_path):
     assert lin["parent_job"] == prep.id
     assert lin["input_manifest_sha256"] == hashlib.sha256(manifest.read_bytes()).hexdigest()
     assert lin["tokenizer_sha256"] == json.loads(manifest.read_text())["tokenizer_sha256"]
-    from jobs.pretrain import latest_checkpoint
+    from jobs.checkpoint.layout import latest_checkpoint
 
     assert lin["checkpoint"] == latest_checkpoint(str(run_dir))
     assert d["metrics"]["step"] == 4

@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from jobs.chat import IGNORE, Conversation, Message, encode_chat, pad_batch, read_records, sft_example, special_ids
+from conftest import fluent_or_scrambled
+from jobs.data.chat import IGNORE, Conversation, Message, encode_chat, pad_batch, read_records, sft_example, special_ids
 from model import GPT, ModelConfig
 from model.tokenizer import decode, train_tokenizer
 
@@ -84,7 +85,8 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
 def test_sft_then_evaluate_end_to_end(tiny_chat_base, tmp_path):
     from jobs.evaluate import EvaluateConfig, TaskSpec
     from jobs.evaluate import run as evaluate
-    from jobs.generate import GenerateConfig, generate_file
+    from jobs.generate import GenerateConfig
+    from jobs.infer.generate import generate_file
     from jobs.sft import SFTConfig
     from jobs.sft import run as sft
 
@@ -106,10 +108,13 @@ def test_sft_then_evaluate_end_to_end(tiny_chat_base, tmp_path):
     assert len(evals) == 2 and evals[-1] < evals[0]
     assert history[-1]["loss"] < history[0]["loss"]
 
+    fluent = tmp_path / "fluent.jsonl"
+    fluent.write_text("".join(json.dumps(it) + "\n" for it in fluent_or_scrambled(tasks / "eval" / "next_line.jsonl", 24)))
     report = evaluate(EvaluateConfig(
         checkpoints=[str(root / "base"), str(tmp_path / "sft")], data=str(root / "data"), max_sequences=32,
         output=str(tmp_path / "eval"), tasks=[
             TaskSpec(name="speaker", task_file=str(tasks / "eval" / "speaker.jsonl"), type="multiple_choice"),
+            TaskSpec(name="fluent", task_file=str(fluent), type="multiple_choice"),
             TaskSpec(name="count_words", task_file=str(tasks / "eval" / "count_words.jsonl"), type="generative",
                      match="number", max_new_tokens=6, limit=8)]))
     saved = json.loads((tmp_path / "eval" / "results.json").read_text())
@@ -118,7 +123,9 @@ def test_sft_then_evaluate_end_to_end(tiny_chat_base, tmp_path):
     assert (base["chat"], tuned["chat"]) == (False, True) and tuned["kind"] == "sft"
     for r in (base, tuned):
         assert 0 < r["lm"]["bits_per_byte"] < 8 and r["lm"]["sequences"] == 32
-        assert r["tasks"]["speaker"]["items"] > 0 and 0 <= r["tasks"]["speaker"]["accuracy"] <= 1
+        assert r["tasks"]["speaker"]["items"] > 0 and r["tasks"]["speaker"]["chance"] == 0.25
+        # the true line against scrambles of it: both models know English from letter soup
+        assert r["tasks"]["fluent"]["items"] == 24 and r["tasks"]["fluent"]["accuracy"] >= 0.9, r["tasks"]["fluent"]
         assert r["tasks"]["count_words"]["items"] == 8
     assert report["table"]["rows"][0][0] == "val loss"
     assert "| speaker accuracy" in (tmp_path / "eval" / "results.md").read_text()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from jobs.chat import IGNORE
+from jobs.data.chat import IGNORE
 
 
 def sequence_logprobs(model, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

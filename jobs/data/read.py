@@ -13,6 +13,7 @@ Parquet). Nothing that was read disappears without a count.
 from __future__ import annotations
 
 import json
+import re
 import time
 import zlib
 from collections.abc import Iterator
@@ -217,6 +218,37 @@ class Rows:
 # ----------------------------------------------------------------------------- per format
 
 
+# ----------------------------------------------------------------------------- Markdown
+
+_HEADING = re.compile(r"^(#{1,6})\s+(.*)$")
+_SPEAKER = re.compile(r"^\*\*(.+?)\*\*\s*$")
+_EMPHASIS = re.compile(r"(\*\*|__|\*|_)(\S(?:.*?\S)?)\1")
+_LINK = re.compile(r"!?\[([^\]]*)\]\([^)]*\)")
+
+
+def markdown_to_text(md: str) -> str:
+    """Strip Markdown markup, keeping the words: headings, emphasis, links, hard breaks."""
+    out = []
+    for line in md.splitlines():
+        line = line.rstrip()
+        if m := _HEADING.match(line):
+            line = m.group(2)
+        elif m := _SPEAKER.match(line):
+            line = m.group(1) + ":"  # a speaker's name on its own line, as in a play script
+        line = _LINK.sub(r"\1", line)
+        line = _EMPHASIS.sub(r"\2", line)
+        out.append(line)
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(out)).strip() + "\n"
+
+
+def split_markdown(md: str, level: int) -> list[str]:
+    """Split at headings of exactly `level`; text before the first one joins the first part."""
+    parts = re.split(rf"(?m)^(?={'#' * level}\s)", md)
+    if len(parts) > 1 and not parts[0].lstrip().startswith("#" * level + " "):
+        parts = [parts[0] + parts[1], *parts[2:]]
+    return [p for p in parts if p.strip()]
+
+
 def read_text_like(uri: str, fmt: str, rows: Rows, opts: dict) -> None:
     limit = opts["max_document_bytes"]
     data, err = read_all(uri, limit)
@@ -231,8 +263,6 @@ def read_text_like(uri: str, fmt: str, rows: Rows, opts: dict) -> None:
         rows.reject(reason, uri, 0, data[:PREVIEW_CHARS], len(data))
         return
     if fmt == "markdown":
-        from jobs.prepare import markdown_to_text, split_markdown
-
         level = opts["markdown_split_level"]
         parts = split_markdown(text, level) if level else [text]
         offset = 0

@@ -11,10 +11,10 @@ import codecs
 import re
 import time
 from collections import Counter
-from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+
+from jobs.data.config import CleanConfig
 
 
 def _drop_catch_all_codec() -> None:
@@ -36,43 +36,6 @@ def _drop_catch_all_codec() -> None:
 _drop_catch_all_codec()
 
 import ftfy  # noqa: E402
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)
-
-
-class CleanConfig(Section):
-    """HTML extraction, normalisation and the Gopher/C4 quality filters."""
-
-    html_extractor: Literal["resiliparse", "trafilatura"] = "resiliparse"
-    """`resiliparse` (fast, ~10x: main-content heuristics in C++) or `trafilatura` (slower, more precise)."""
-    min_words: int = Field(50, ge=0)
-    """Drop documents with fewer whitespace-separated words."""
-    max_words: int = Field(100_000, gt=0)
-    """Drop documents with more words."""
-    min_mean_word_length: float = Field(3.0, ge=0)
-    """Drop documents whose mean word length (characters) is below this."""
-    max_mean_word_length: float = Field(10.0, gt=0)
-    """Drop documents whose mean word length is above this."""
-    max_symbol_word_ratio: float = Field(0.1, ge=0)
-    """Drop documents with more `#` and ellipses (`...`, `…`) per word."""
-    max_ellipsis_line_fraction: float = Field(0.3, ge=0, le=1)
-    """Drop documents with a larger fraction of lines ending in an ellipsis."""
-    max_bullet_line_fraction: float = Field(0.9, ge=0, le=1)
-    """Drop documents with a larger fraction of lines starting with a bullet."""
-    max_duplicate_line_fraction: float = Field(0.3, ge=0, le=1)
-    """Drop documents where a larger fraction of the non-empty lines repeat an earlier line."""
-    max_duplicate_line_char_fraction: float = Field(0.2, ge=0, le=1)
-    """Drop documents where repeated lines hold a larger fraction of the characters."""
-    max_top_ngram_fraction: dict[int, float] = {2: 0.20, 3: 0.18, 4: 0.16}
-    """n -> the largest fraction of word characters the most frequent word n-gram may cover."""
-    max_duplicate_ngram_fraction: dict[int, float] = {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10}
-    """n -> the largest fraction of word characters that word n-grams occurring more than once may cover."""
-    languages: list[str] | None = None
-    """Keep only these ISO 639-1 languages (e.g. [en, de]), detected by py3langid. None: no language filter."""
-    min_language_score: float = Field(0.5, ge=0, le=1)
-    """Drop documents whose detected language's probability is below this (with `languages` set)."""
 
 
 # ----------------------------------------------------------------------------- HTML

@@ -10,8 +10,8 @@ Each layer wraps the very submodule of a `model.GPT(mcfg)` built after `torch.ma
 so a pipeline run starts from exactly the weights of a single-process or ZeRO run with the same
 seed, and `stage_state_dict` gives back a state dict in `model.GPT`'s key names.
 
-The pretraining loop calls, in order: `validate` (from the config's validator, before any
-worker starts), `pipeline_engine` (instead of `deepspeed.initialize` on a GPT),
+The pretraining loop calls, in order (PretrainConfig has refused invalid layouts before any
+worker started): `pipeline_engine` (instead of the engine factory on a GPT),
 `pipeline_train_step(engine, micro_batches(...))` once per optimizer step, `pipeline_eval_loss`,
 and `stage_state_dict` (instead of `full_state_dict`) when writing model.safetensors.
 """
@@ -32,33 +32,10 @@ from model.gpt import Block
 if TYPE_CHECKING:
     from deepspeed.pipe import PipelineModule
 
-    from jobs.pretrain import PretrainConfig, ShardLoader
+    from jobs.data.shards import ShardLoader
+    from jobs.train.config import PretrainConfig
 
 TIED_KEY = "embed"
-
-
-# ----------------------------------------------------------------------------- validation
-
-
-def validate(pipeline_stages: int, zero_stage: int, n_layers: int, num_workers: int,
-             global_batch_size: int, micro_batch_size: int) -> None:
-    """Reject pipeline settings DeepSpeed cannot run, naming the config field at fault."""
-    if pipeline_stages < 1:
-        raise ValueError(f"pipeline_stages ({pipeline_stages}) must be at least 1")
-    if pipeline_stages > 1 and zero_stage >= 2:
-        # PipelineEngine asserts this at start-up: ZeRO-2/3 partition gradients, which the
-        # pipeline schedule reduces itself.
-        raise ValueError(f"zero_stage ({zero_stage}) must be 0 or 1 with pipeline_stages > 1: "
-                         f"DeepSpeed does not combine ZeRO-2/3 with pipeline parallelism")
-    if n_layers % pipeline_stages:
-        raise ValueError(f"model.n_layers ({n_layers}) must be divisible by pipeline_stages ({pipeline_stages})")
-    if num_workers % pipeline_stages:
-        raise ValueError(f"num_workers ({num_workers}) must be divisible by pipeline_stages ({pipeline_stages})")
-    dp = num_workers // pipeline_stages
-    if global_batch_size % (micro_batch_size * dp):
-        raise ValueError(
-            f"global_batch_size ({global_batch_size}) must be a multiple of micro_batch_size * "
-            f"(num_workers // pipeline_stages) ({micro_batch_size} * {dp})")
 
 
 # ----------------------------------------------------------------------------- layers
@@ -203,31 +180,22 @@ def optim_groups(module: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def pipeline_engine(cfg: "PretrainConfig", mcfg: ModelConfig, num_stages: int, bf16: bool):
-    """The DeepSpeed PipelineEngine of one worker: what deepspeed.initialize gives pretrain for GPT.
+def pipeline_engine(cfg: "PretrainConfig", mcfg: ModelConfig):
+    """The DeepSpeed PipelineEngine of one worker: what the engine factory gives pretrain for a GPT.
 
     Must be called on every worker of the Ray Train group (torch.distributed is initialised).
-    The pipeline runs cfg.num_workers // num_stages data-parallel replicas.
+    The pipeline runs world // cfg.pipeline_stages data-parallel replicas.
     """
     import deepspeed
     import torch.distributed as dist
 
-    from jobs.pretrain import deepspeed_config, lr_at
+    from jobs.train.engine import build_engine
 
     world = dist.get_world_size()
-    validate(num_stages, cfg.zero_stage, mcfg.n_layers, world, cfg.global_batch_size, cfg.micro_batch_size)
+    cfg.check_world(world)
     deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
-    module = pipeline_module(mcfg, num_stages, mcfg.activation_checkpointing, cfg.seed)
-    optimizer = torch.optim.AdamW(optim_groups(module, cfg.weight_decay), lr=cfg.lr,
-                                  betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=False)
-    # accumulation counts data-parallel pipelines (world // stages), not workers
-    ds_config = deepspeed_config(cfg.model_copy(update={"pipeline_stages": num_stages}), bf16, world)
-    engine, _, _, _ = deepspeed.initialize(
-        model=module, optimizer=optimizer, config=ds_config,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg) / cfg.lr),
-        dist_init_required=False,
-    )
-    return engine
+    module = pipeline_module(mcfg, cfg.pipeline_stages, mcfg.activation_checkpointing, cfg.seed)
+    return build_engine(cfg, module, optim_groups(module, cfg.weight_decay), world)
 
 
 def micro_batches(engine, loader: "ShardLoader", step: int, global_batch: int, micro_size: int) -> Iterator:

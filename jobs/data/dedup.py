@@ -27,41 +27,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import xxhash
-from pydantic import Field, model_validator
-
-from jobs.clean import Section
-from jobs.totals import totals
+from jobs.data.config import DedupConfig, lsh_params
+from jobs.data.totals import totals
 
 _WORD = re.compile(r"\w+")
 _MIX = np.uint64(0x9E3779B97F4A7C15)
 _MASK64 = (1 << 64) - 1
 SIG_DTYPE = np.uint32
-
-
-class DedupConfig(Section):
-    """Exact and MinHash-LSH near-duplicate removal."""
-
-    exact: bool = True
-    """Keep one copy of documents whose normalised text is identical."""
-    fuzzy: bool = True
-    """Remove near-duplicates found by MinHash LSH, keeping one document per connected component."""
-    num_perm: int = Field(128, ge=8, le=4096)
-    """MinHash permutations (signature length)."""
-    ngram: int = Field(5, ge=1)
-    """Words per shingle (lower-cased `\\w+` words)."""
-    threshold: float = Field(0.8, gt=0.0, lt=1.0)
-    """Jaccard similarity of shingle sets above which two documents are near-duplicates."""
-    verify: bool = True
-    """Keep a candidate pair only if its signature Jaccard reaches the threshold (cuts LSH false positives)."""
-    seed: int = 1
-    """Seed of datasketch's permutation parameters."""
-
-    @model_validator(mode="after")
-    def _fits(self):
-        bands, rows = lsh_params(self.threshold, self.num_perm)
-        if bands * rows > self.num_perm:  # datasketch guarantees this; a guard against its changes
-            raise ValueError(f"num_perm {self.num_perm} too small for threshold {self.threshold}")
-        return self
 
 
 # ----------------------------------------------------------------------------- shingles and signatures
@@ -138,13 +110,6 @@ class MinHasher:
     def signatures(self, texts, ngram: int) -> np.ndarray:
         return np.stack([self.signature(shingle_hashes(t, ngram)) for t in texts]) if len(texts) \
             else np.zeros((0, self.num_perm), dtype=np.uint32)
-
-
-def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
-    """(bands, rows) minimising the false-positive plus false-negative area (datasketch)."""
-    from datasketch.lsh import _optimal_param
-
-    return _optimal_param(threshold, num_perm, 0.5, 0.5)
 
 
 def lsh_report(threshold: float, num_perm: int) -> dict:

@@ -1,0 +1,1 @@
+"""Inference: batch generation, evaluation and OpenAI-compatible serving of a checkpoint."""
