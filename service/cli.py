@@ -5,6 +5,7 @@
     raylm list --status RUNNING
     raylm status ID; raylm logs ID -f; raylm stop ID
     raylm run configs/demo.yaml --kind prepare        # local, no service
+    raylm report runs/demo; raylm report ID           # the run report, one HTML page
 
 The client commands read RAYLM_URL and RAYLM_TOKEN (or --url/--token).
 """
@@ -314,3 +315,54 @@ def run(file: Annotated[Path, typer.Argument(help="Job YAML (with kind:) or pipe
     result = sys.modules[type(cfg).__module__].run(cfg)
     if json_:
         typer.echo(json.dumps(result, indent=2, default=str))
+
+
+# What a report reads (jobs/report/collect.py): no shards, weights or optimizer state.
+REPORT_INPUTS = ("manifest.json", "report.json", "config.json", "metrics.jsonl", "results.json", "trials.csv",
+                 "sweep.json", "tune_config.json", "train_state.json", "loss_vs_lr.png")
+
+
+@app.command()
+@_api_errors
+def report(target: Annotated[str, typer.Argument(help="A directory or s3:// prefix (built here), or a job id.")],
+           output: Annotated[Optional[Path], typer.Option(help="Where to write the page (default: report.html in "
+                                                                 "the directory; report-<job id>.html for a job).")] = None,
+           url: Url = DEFAULT_URL, token: Token = None) -> None:
+    """Write a run's report: one HTML page (charts inline, opens offline). A job's is its report.html
+    artifact, or else one built here from its downloaded artifacts (checkpoints not verified)."""
+    import tempfile
+    from pathlib import PurePosixPath
+
+    from cluster import storage
+    from jobs.report import REPORT_FILE, write_report
+
+    if storage.is_s3(target) or Path(target).exists():
+        try:
+            typer.echo(write_report(target, str(output) if output else None))
+        except FileNotFoundError as e:
+            _fail(str(e), 2)
+        return
+    if "/" in target or target.startswith("."):
+        _fail(f"{target}: no such directory", 2)
+    out = output or Path(f"report-{target}.html")
+    with _client(url, token) as c:
+        a = c.artifacts(target)
+        files = {f.path: f.size or 0 for f in (*a.manifests, *a.metrics, *a.plots, *a.other)}
+        if REPORT_FILE in files:
+            out.write_bytes(c.artifact(target, REPORT_FILE))
+            typer.echo(str(out))
+            return
+        wanted = [p for p, size in files.items() if size <= 64 << 20  # a .jsonl may be samples (generate)
+                  and (PurePosixPath(p).name in REPORT_INPUTS or p.endswith(".jsonl"))]
+        wanted += [f"{ck.name}/{f}" for ck in a.checkpoints for f in ck.files
+                   if f in REPORT_INPUTS or (f.startswith("MANIFEST.rank") and f.endswith(".json"))]
+        with tempfile.TemporaryDirectory(prefix="raylm-report-") as tmp:
+            for rel in wanted:
+                parts = PurePosixPath(rel).parts
+                if PurePosixPath(rel).is_absolute() or ".." in parts:
+                    continue  # the listing names files under the job's output, nothing else
+                dest = Path(tmp, *parts)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.write_bytes(c.artifact(target, rel))
+            write_report(tmp, str(out), verify_checkpoints=False, origin=a.output)
+    typer.echo(str(out))
