@@ -20,6 +20,7 @@ a torn upload or a corrupted file makes readers fall back to the previous one.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from cluster import storage
@@ -56,22 +57,35 @@ def verify_checkpoint(ckpt: str) -> str | None:
 
     Every file in the directory must be listed by one rank's manifest with its sha256, and every
     listed file must be there with that checksum. Manifest entries are plain relative names:
-    a name that climbs out of the checkpoint (`..`, absolute) makes it invalid.
+    a name that climbs out of the checkpoint (`..`, absolute) makes it invalid, and so does a
+    symbolic link that leads out of it (raylm never writes links; a tenant's storage may hold
+    them).
     """
     try:
+        present = set(storage.relative_files(ckpt))
+        if TRAIN_STATE not in present:
+            return f"{TRAIN_STATE} is missing"
         state = storage.read_json(storage.join(ckpt, TRAIN_STATE))
-        world = state["world_size"]
-        if not isinstance(world, int) or world < 1:
-            return f"{TRAIN_STATE}: world_size is {world!r}"
+        world = state.get("world_size") if isinstance(state, dict) else None
+        if not isinstance(world, int) or isinstance(world, bool) or world < 1:
+            return f"{TRAIN_STATE}: world_size is {world!r}, not a positive integer"
         listed: dict[str, str] = {}
         for r in range(world):
-            manifest = storage.read_json(storage.join(ckpt, manifest_file(r)))
-            for rel, sha in manifest["files"].items():
+            if manifest_file(r) not in present:
+                return f"{manifest_file(r)} is missing (an incomplete write by rank {r})"
+            files = storage.read_json(storage.join(ckpt, manifest_file(r))).get("files")
+            if not isinstance(files, dict):
+                return f"{manifest_file(r)}: no `files` mapping"
+            for rel, sha in files.items():
                 parts = rel.split("/")
                 if rel.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\\" in rel:
                     return f"{manifest_file(r)}: file name {rel[:80]!r} is not inside the checkpoint"
                 listed[rel] = sha
-        present = set(storage.relative_files(ckpt))
+        if not storage.is_s3(ckpt):
+            root = os.path.realpath(ckpt)
+            for rel in sorted(present | set(listed)):
+                if not os.path.realpath(os.path.join(root, rel)).startswith(root + os.sep):
+                    return f"{rel} leads out of the checkpoint (a symbolic link)"
         unlisted = sorted(p for p in present - set(listed) if not p.startswith("MANIFEST."))
         if unlisted:
             return f"{unlisted[0]} is not listed in any rank's manifest"
@@ -81,7 +95,7 @@ def verify_checkpoint(ckpt: str) -> str | None:
             if storage.sha256_file(storage.join(ckpt, rel)) != sha:
                 return f"checksum mismatch in {rel}"
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        return f"{type(e).__name__}: {e}"
+        return f"cannot be read ({type(e).__name__})"  # no exception text: it would name server paths
     return None
 
 

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cluster import storage
 from jobs.report.charts import Chart, Charts, Series, finite
-from jobs.report.checkpoints import TRAIN_STATE, verify
+from jobs.checkpoint.layout import TRAIN_STATE, verify_checkpoint
 from jobs.report.files import ReportError, Tree, parent_dir
 
 # File names of the jobs' outputs (jobs.prepare, jobs.pretrain, jobs.tune, jobs.evaluate), spelled
@@ -614,7 +614,7 @@ def _checkpoints(s: RunSection, tree: Tree, rel: str, names: list[str], states: 
         row = CheckpointRow(name=name, step=st.step if st else None, world_size=st.world_size if st else None,
                             files=len(files), bytes=sum(files.values()), status="not checked")
         if verify_checkpoints:
-            why = verify(tree, posixpath.join(rel, name))
+            why = verify_checkpoint(tree.file_uri(posixpath.join(rel, name)))
             row.status, row.reason = ("verified", "") if why is None else ("failed", why)
         rows.append(row)
     if verify_checkpoints:

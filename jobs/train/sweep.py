@@ -233,7 +233,10 @@ def make_tuner(cfg: TuneConfig, out: str):
     from ray.tune.schedulers import ASHAScheduler
 
     trials_dir = storage.join(out, "trials")
-    trainable = tune.with_resources(tune.with_parameters(run_trial, base=cfg.trial_base(), trials_dir=trials_dir),
+    base = cfg.trial_base()
+    # Trials run in Tune's working directories: paths relative to here must not be read from there.
+    base.update({k: storage.absolute(base[k]) for k in ("data", "init_from") if base.get(k)})
+    trainable = tune.with_resources(tune.with_parameters(run_trial, base=base, trials_dir=trials_dir),
                                     {"CPU": DRIVER_CPUS})
     fs, path = storage.resolve(out)
     fs.delete_dir_contents(f"{path}/tuner", missing_dir_ok=True)  # never read back: only ours is
