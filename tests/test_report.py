@@ -315,7 +315,7 @@ def test_lineage_links_parents_and_hashes(pipeline, report):
 
 
 def test_corrupt_checkpoint_is_not_verified(pipeline, tmp_path):
-    from jobs.pretrain import verify_checkpoint
+    from jobs.checkpoint.layout import verify_checkpoint
     from jobs.report import build_html
 
     run = tmp_path / "pretrain"
