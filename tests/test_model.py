@@ -217,23 +217,17 @@ def test_padding_mask_makes_padded_rows_compute_what_they_would_alone(arch):
 def test_rollout_logprobs_equal_a_full_forward_over_prompt_and_completion():
     m = make()
     g = torch.Generator().manual_seed(1)
-    for temperature in (1.0, 0.7):
+    for temperature in (1.0, 0.7, 0.0):
         tokens, lps = generate_batch(m, MIXED, 10, stop_ids=[3], temperature=temperature, top_k=20,
                                      generator=g, logprobs=True)
         assert [len(t) for t in tokens] == [len(x) for x in lps] and sum(map(len, tokens)) > len(MIXED)
-        # what a trainer does: one right-padded batch of prompt + completion, with the mask
-        seqs = [p + t for p, t in zip(MIXED, tokens)]
-        T = max(map(len, seqs))
-        idx = torch.zeros(len(seqs), T, dtype=torch.long)
-        real = torch.zeros(len(seqs), T, dtype=torch.bool)
-        for i, s in enumerate(seqs):
-            idx[i, : len(s)], real[i, : len(s)] = torch.tensor(s), True
-        with torch.no_grad():
-            logp = (m(idx, mask=real) / temperature).log_softmax(-1)  # (B, T, V)
-        for i, (p, t) in enumerate(zip(MIXED, tokens)):
-            pos = torch.arange(len(p) - 1, len(p) - 1 + len(t))
-            want = logp[i, pos, torch.tensor(t)]
-            assert (want - torch.tensor(lps[i])).abs().max().item() <= 1e-5
+        for p, t, lp in zip(MIXED, tokens, lps):  # each row alone: no padding, no mask
+            with torch.no_grad():
+                logp = (m(torch.tensor([p + t]))[0] / (temperature or 1.0)).log_softmax(-1)  # (T, V)
+            pos = torch.arange(len(p) - 1, len(p) - 1 + len(t))  # logits at pos predict token pos + 1
+            assert (logp[pos, torch.tensor(t)] - torch.tensor(lp)).abs().max().item() <= 1e-5
+            if temperature == 0:  # greedy tokens are the most likely ones
+                assert torch.equal(logp[pos].argmax(-1), torch.tensor(t))
 
 
 def test_generate_batch_budgets_seeds_and_bad_prompts():
