@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model import GPT, KVCache, ModelConfig
-from model.gpt import apply_rope, rope_tables
+from model.gpt import apply_rope, generate_batch, rope_tables
 
 TINY = dict(vocab_size=97, n_layers=2, n_heads=4, n_kv_heads=2, d_model=32, d_ff=64, max_seq_len=64)
 
@@ -174,3 +174,84 @@ def test_bad_configs_are_rejected_with_the_key():
         ModelConfig(**{**TINY, "n_layer": 3})
     with pytest.raises(ValueError, match="max_seq_len"):
         make()(torch.zeros(1, 65, dtype=torch.long))
+
+
+# ----------------------------------------------------------------------------- padding and batched decoding
+
+MIXED = [[5, 17, 3], [9] * 2 + list(range(20, 31)), [42], list(range(60, 67)), list(range(1, 21))]
+
+
+@pytest.mark.parametrize("arch,kv", [("llama", 2), ("llama", None), ("gpt2", None)])
+def test_batched_left_padded_greedy_equals_one_by_one(arch, kv):
+    m = make(arch=arch, n_kv_heads=kv)
+    batched = generate_batch(m, MIXED, 12, temperature=0)
+    for p, got in zip(MIXED, batched):
+        alone = m.generate(torch.tensor([p]), 12, temperature=0)[0, len(p):].tolist()  # no padding, no mask
+        assert got == alone
+    # stop ids: a row ends with the first one it emits, the others run on unchanged
+    stop = batched[1][4]
+    stopped = generate_batch(m, MIXED, 12, stop_ids=[stop], temperature=0)
+    for full, got in zip(batched, stopped):
+        cut = full.index(stop) + 1 if stop in full else len(full)
+        assert got == full[:cut]
+    assert stopped[1][-1] == stop and len(stopped[1]) <= 5
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_padding_mask_makes_padded_rows_compute_what_they_would_alone(arch):
+    m = make(arch=arch, n_kv_heads=2 if arch == "llama" else None)
+    row = torch.randint(0, 97, (1, 9))
+    junk = torch.randint(0, 97, (1, 5))
+    left = torch.cat([junk, row], dim=1)  # (1, 14)
+    right = torch.cat([row, junk], dim=1)
+    real_left = torch.tensor([[False] * 5 + [True] * 9])
+    with torch.no_grad():
+        alone = m(row)
+        batch = m(torch.cat([left, right]), mask=torch.cat([real_left, real_left.flip(1)]))
+        unmasked = m(left)
+    assert (batch[0, 5:] - alone[0]).abs().max().item() <= 1e-5
+    assert (batch[1, :9] - alone[0]).abs().max().item() <= 1e-5
+    assert (unmasked[0, 5:] - alone[0]).abs().max().item() > 1e-2  # without the mask the padding leaks in
+
+
+def test_rollout_logprobs_equal_a_full_forward_over_prompt_and_completion():
+    m = make()
+    g = torch.Generator().manual_seed(1)
+    for temperature in (1.0, 0.7, 0.0):
+        tokens, lps = generate_batch(m, MIXED, 10, stop_ids=[3], temperature=temperature, top_k=20,
+                                     generator=g, logprobs=True)
+        assert [len(t) for t in tokens] == [len(x) for x in lps] and sum(map(len, tokens)) > len(MIXED)
+        for p, t, lp in zip(MIXED, tokens, lps):  # each row alone: no padding, no mask
+            with torch.no_grad():
+                logp = (m(torch.tensor([p + t]))[0] / (temperature or 1.0)).log_softmax(-1)  # (T, V)
+            pos = torch.arange(len(p) - 1, len(p) - 1 + len(t))  # logits at pos predict token pos + 1
+            assert (logp[pos, torch.tensor(t)] - torch.tensor(lp)).abs().max().item() <= 1e-5
+            if temperature == 0:  # greedy tokens are the most likely ones
+                assert torch.equal(logp[pos].argmax(-1), torch.tensor(t))
+
+
+def test_generate_batch_budgets_seeds_and_bad_prompts():
+    m = make()  # max_seq_len 64
+    long = list(range(1, 61))  # room for 4 new tokens only
+    out = generate_batch(m, [long, [7, 8]], 10, temperature=0)
+    assert len(out[0]) == 4 and len(out[1]) == 10
+    assert out[0] == m.generate(torch.tensor([long]), 10, temperature=0)[0, 60:].tolist()
+    a = generate_batch(m, MIXED, 8, temperature=1.0, generator=torch.Generator().manual_seed(3))
+    b = generate_batch(m, MIXED, 8, temperature=1.0, generator=torch.Generator().manual_seed(3))
+    assert a == b
+    assert generate_batch(m, [], 5) == []
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        generate_batch(m, [[1], []], 5)
+    with pytest.raises(ValueError, match="prompt 0 has 64 tokens"):
+        generate_batch(m, [list(range(64))], 5)
+
+
+def test_activation_checkpointing_with_a_padding_mask():
+    x = torch.randint(0, 97, (2, 12))
+    real = torch.ones(2, 12, dtype=torch.bool)
+    real[0, :4] = False
+    out = []
+    for ckpt in (False, True):
+        m = make(activation_checkpointing=ckpt).train()
+        out.append(m(x, mask=real))
+    assert torch.allclose(out[0], out[1], atol=1e-6)
