@@ -18,7 +18,7 @@ from jobs.data.chat import (IGNORE, Message, chat_prompt_ids, is_chat_model, pad
                             special_ids)
 from jobs.data.shards import ShardLoader, load_manifest
 from jobs.infer.config import EvaluateConfig, TaskSpec
-from jobs.infer.generate import generate_batch
+from jobs.infer.generate import complete_batch
 from jobs.posttrain.losses import sequence_logprobs
 from model.tokenizer import EOT, decode, encode, tokenizer_sha256
 
@@ -86,7 +86,7 @@ def score_multiple_choice(model, tok, items: list[MultipleChoiceItem], chat: boo
 def score_generative(model, tok, items: list[GenerativeItem], chat: bool, spec: TaskSpec) -> dict:
     stop = [special_ids(tok)["end"], tok.token_to_id(EOT)] if chat else [tok.token_to_id(EOT)]
     prompts = [prompt_ids(tok, it.prompt, chat) for it in items]
-    outs = generate_batch(model, prompts, spec.max_new_tokens, stop)
+    outs = complete_batch(model, prompts, spec.max_new_tokens, stop)
     correct, examples = 0, []
     for it, ids in zip(items, outs):
         text = decode(tok, ids)

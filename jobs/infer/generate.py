@@ -7,37 +7,17 @@ import torch
 from jobs.checkpoint.load import load_model
 from jobs.data.chat import Message, chat_prompt_ids, read_jsonl, special_ids
 from jobs.infer.config import GenerateConfig
+from model.gpt import generate_batch
 from model.tokenizer import EOT, decode, encode
 
 
-def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int],
+def complete_batch(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int],
                    temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                    generator: torch.Generator | None = None) -> list[list[int]]:
-    """New tokens for each prompt, cut before the first stop id.
-
-    The model's KV cache has one position for the whole batch and no padding mask, so only
-    prompts of equal length can share a forward pass: prompts are grouped by length and each
-    group is decoded as one batch (exact, no padding tokens involved).
-    """
-    device = next(model.parameters()).device
-    out: list[list[int] | None] = [None] * len(prompts)
-    groups: dict[int, list[int]] = {}
-    for i, p in enumerate(prompts):
-        if not p:
-            raise ValueError(f"prompt {i} is empty")
-        groups.setdefault(len(p), []).append(i)
-    for length, members in groups.items():
-        budget = min(max_new_tokens, model.cfg.max_seq_len - length)
-        if budget <= 0:
-            raise ValueError(f"a prompt of {length} tokens leaves no room in max_seq_len={model.cfg.max_seq_len}")
-        idx = torch.tensor([prompts[i] for i in members], device=device)
-        y = model.generate(idx, budget, temperature=temperature, top_k=top_k, top_p=top_p,
-                           stop_token=stop_ids[0] if stop_ids else None, generator=generator)
-        for row, i in enumerate(members):
-            new = y[row, length:].tolist()
-            cut = next((j for j, t in enumerate(new) if t in stop_ids), len(new))
-            out[i] = new[:cut]
-    return out  # type: ignore[return-value]
+    """Each prompt's new tokens, cut before the first stop id: the text a caller shows. Prompts of
+    any lengths share one left-padded batch (model.gpt.generate_batch)."""
+    new = generate_batch(model, prompts, max_new_tokens, stop_ids, temperature, top_k, top_p, generator)
+    return [ids[:-1] if ids and ids[-1] in stop_ids else ids for ids in new]
 
 
 def generate_file(cfg: GenerateConfig, ckpt: str) -> list[dict]:
@@ -65,7 +45,7 @@ def generate_file(cfg: GenerateConfig, ckpt: str) -> list[dict]:
         stop = [special_ids(tok)["end"], *stop]
     out = []
     for i in range(0, len(prompts), cfg.batch_size):
-        new = generate_batch(model, prompts[i : i + cfg.batch_size], cfg.max_new_tokens, stop,
+        new = complete_batch(model, prompts[i : i + cfg.batch_size], cfg.max_new_tokens, stop,
                              cfg.temperature, cfg.top_k, cfg.top_p, gen)
         for rec, ids in zip(records[i : i + cfg.batch_size], new):
             out.append({**rec, "completion": decode(tok, ids), "checkpoint": ckpt, "step": state.get("step")})

@@ -8,10 +8,10 @@ Endpoints (FastAPI ingress):
     GET  /v1/models, GET /health
 
 Non-streaming requests go through `@serve.batch`: requests that arrive together are decoded in
-one batch with the KV cache (the model has no padding mask, so prompts of equal token length
-share a forward pass; see jobs.infer.generate.generate_batch). Streaming requests (`"stream": true`, served
-as server-sent events `data: {...}` ending with `data: [DONE]`) are decoded one request at a
-time with their own KV cache, yielding each token as soon as it is sampled; the model runs in a
+one left-padded batch with the KV cache, whatever their prompts' lengths (see
+jobs.infer.generate.complete_batch). Streaming requests (`"stream": true`, served as server-sent
+events `data: {...}` ending with `data: [DONE]`) are decoded one request at a time with their
+own KV cache, yielding each token as soon as it is sampled; the model runs in a
 thread so the replica keeps accepting requests meanwhile. Chat requests use the chat template of
 jobs.data.chat and stop at <|end|>; completions stop at <|endoftext|>.
 """
@@ -150,7 +150,7 @@ class LLMServer:
 
     def _run_batch(self, jobs: list[GenJob]) -> list[tuple[list[int], str]]:
         """(new tokens, finish reason) per job; jobs with equal sampling settings share a batch."""
-        from jobs.infer.generate import generate_batch
+        from jobs.infer.generate import complete_batch
 
         out: list = [None] * len(jobs)
         groups: dict[tuple, list[int]] = {}
@@ -158,7 +158,7 @@ class LLMServer:
             groups.setdefault((j.temperature, j.top_p, j.stop_ids), []).append(i)
         for (temperature, top_p, stop_ids), members in groups.items():
             longest = max(jobs[i].max_tokens for i in members)
-            new = generate_batch(self.model, [jobs[i].ids for i in members], longest, list(stop_ids),
+            new = complete_batch(self.model, [jobs[i].ids for i in members], longest, list(stop_ids),
                                  temperature, None, top_p if top_p < 1 else None)
             for i, ids in zip(members, new):
                 ids = ids[: jobs[i].max_tokens]
