@@ -23,7 +23,9 @@ demo: $(STAMP)
 	$(PY) -m jobs.prepare  --config configs/demo.yaml
 	$(PY) -m jobs.pretrain --config configs/demo.yaml
 	$(PY) -m jobs.generate --config configs/demo.yaml
+	$(PY) -m jobs.report runs/demo
 	@echo "run directory: $(CURDIR)/runs/demo/pretrain (metrics.jsonl, loss.png, tensorboard/, checkpoint_*/)"
+	@echo "report: $(CURDIR)/runs/demo/report.html (open it in a browser; it works offline)"
 
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=25 tests

@@ -16,6 +16,7 @@ from jobs.config import main
 from jobs.posttrain.config import DPOConfig
 from jobs.posttrain.dpo import load_pairs, train_loop_per_worker
 from jobs.posttrain.worker import absolute_paths, fit, loop_config, resolve_init
+from jobs.report import write_report
 
 __all__ = ["DPOConfig", "run"]
 
@@ -34,7 +35,9 @@ def run(cfg: DPOConfig) -> dict:
     n_train = len(load_pairs(cfg.data, tok, max_len))
     n_eval = len(load_pairs(cfg.eval_file, tok, max_len)) if cfg.eval_file else 0
     print(f"dpo: {n_train} pairs, {n_eval} held out, beta {cfg.beta}; policy {init_dir}, reference {ref_dir}")
-    return fit(cfg, train_loop_per_worker, {**config, "reference": ref_dir})
+    summary = fit(cfg, train_loop_per_worker, {**config, "reference": ref_dir})
+    print(f"report: {write_report(cfg.output)}")
+    return summary
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from __future__ import annotations
 from cluster import storage
 from jobs.checkpoint.load import resolve_source
 from jobs.config import main
+from jobs.report import write_report
 from jobs.infer.config import EvaluateConfig
 from jobs.infer.evaluate import evaluate_checkpoint, markdown_table, read_task, table_rows
 
@@ -61,6 +62,7 @@ def run(cfg: EvaluateConfig) -> dict:
     for r in rows:
         t.add_row(*r)
     Console().print(t)
+    print(f"report: {write_report(cfg.output)}")
     return report
 
 

@@ -4,8 +4,8 @@
     python -m jobs.generate --config configs/demo.yaml
 
 Batch generation: `prompts_file` is JSONL with one `{"prompt": "..."}` (raw text to continue) or
-`{"messages": [...]}` (a chat, answered through the chat template) per line; prompts of equal
-token length are decoded together as one batch.
+`{"messages": [...]}` (a chat, answered through the chat template) per line; `batch_size`
+prompts at a time, of any lengths, are decoded together in one left-padded batch.
 
 Runs as a Ray task, so on a cluster it lands on a worker (a GPU one with `use_gpu: true`).
 """

@@ -10,13 +10,16 @@ from __future__ import annotations
 from jobs.config import main
 from jobs.data.config import PrepareConfig
 from jobs.data.prepare import prepare, task_shuffles
+from jobs.report import write_report
 
 __all__ = ["PrepareConfig", "run"]
 
 
 def run(cfg: PrepareConfig) -> dict:
     with task_shuffles():  # Ray Data datasets keep the context they were created in
-        return prepare(cfg)
+        manifest = prepare(cfg)
+    print(f"report: {write_report(cfg.output)}")
+    return manifest
 
 
 if __name__ == "__main__":

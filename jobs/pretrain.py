@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from cluster import storage
 from jobs.config import main
+from jobs.report import write_report
 from jobs.train.config import PretrainConfig
 from jobs.train.loop import loop_config, prepare_run, summarize, train_loop_per_worker
 from jobs.train.metrics import PEAK_BF16_FLOPS
@@ -35,7 +36,9 @@ def run(cfg: PretrainConfig, plan_only: bool = False, mfu: float = 0.4, gpu: str
     print(f"model: {mcfg.num_params() / 1e6:.2f} M parameters, {mcfg.flops_per_token(manifest['seq_len']) / 1e6:.1f} "
           f"MFLOP/token; {cfg.num_workers} workers, ZeRO-{cfg.zero_stage}, grad accum {cfg.grad_accum}")
     result = make_trainer(cfg, train_loop_per_worker, loop_config(cfg, manifest, mcfg)).fit()
-    return summarize(cfg, manifest, result.error)
+    summary = summarize(cfg, manifest, result.error)
+    print(f"report: {write_report(cfg.output)}")
+    return summary
 
 
 def _flags(parser):

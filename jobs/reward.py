@@ -13,6 +13,7 @@ from jobs.posttrain.config import RewardConfig
 from jobs.posttrain.dpo import load_pairs
 from jobs.posttrain.reward import train_loop_per_worker
 from jobs.posttrain.worker import absolute_paths, fit, loop_config, resolve_init
+from jobs.report import write_report
 
 __all__ = ["RewardConfig", "run"]
 
@@ -29,6 +30,7 @@ def run(cfg: RewardConfig) -> dict:
     n_eval = len(load_pairs(cfg.eval_file, tok, max_len)) if cfg.eval_file else 0
     print(f"reward: {n_train} pairs, {n_eval} held out; from {init_dir}")
     summary = fit(cfg, train_loop_per_worker, config)
+    print(f"report: {write_report(cfg.output)}")
     if "eval_accuracy" in summary["metrics"]:
         m = summary["metrics"]
         print(f"held-out pairwise accuracy: {m['eval_accuracy']:.3f} on {m['eval_pairs']} pairs")

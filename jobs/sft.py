@@ -17,6 +17,7 @@ from jobs.data.chat import IGNORE
 from jobs.posttrain.config import SFTConfig
 from jobs.posttrain.sft import load_examples, train_loop_per_worker
 from jobs.posttrain.worker import absolute_paths, fit, loop_config, resolve_init
+from jobs.report import write_report
 
 __all__ = ["SFTConfig", "run"]
 
@@ -34,7 +35,9 @@ def run(cfg: SFTConfig) -> dict:
     n_eval = len(load_examples(cfg.eval_file, tok, max_len)[0]) if cfg.eval_file else 0
     print(f"sft: {len(rows)} conversations ({truncated} truncated to {max_len} tokens), {n_eval} held out; "
           f"{sum(sum(t != IGNORE for t in y) for _, y in rows)} assistant tokens; from {init_dir}")
-    return fit(cfg, train_loop_per_worker, config)
+    summary = fit(cfg, train_loop_per_worker, config)
+    print(f"report: {write_report(cfg.output)}")
+    return summary
 
 
 if __name__ == "__main__":

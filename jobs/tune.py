@@ -14,6 +14,7 @@ are described in jobs.train.sweep and docs/tune.md.
 from __future__ import annotations
 
 from jobs.config import main
+from jobs.report import write_report
 from jobs.train.config import TuneConfig
 from jobs.train.sweep import sweep
 
@@ -21,7 +22,9 @@ __all__ = ["TuneConfig", "run"]
 
 
 def run(cfg: TuneConfig) -> dict:
-    return sweep(cfg)
+    summary = sweep(cfg)
+    print(f"report: {write_report(cfg.output)}")
+    return summary
 
 
 if __name__ == "__main__":
