@@ -77,12 +77,17 @@ def tiny_chat_base(ray_local, tmp_path_factory):
 
 
 def scrambled(text: str, seed: int) -> str:
-    """The same characters in another order: the length and letters of `text`, none of its words."""
+    """The same characters in another order: the length and letters of `text`, none of its words
+    (a text too short to reorder gets letters appended, so the result always differs)."""
     import random
 
-    chars = list(text)
-    random.Random(seed).shuffle(chars)
-    return "".join(chars)
+    rng = random.Random(seed)
+    for _ in range(10):
+        chars = list(text)
+        rng.shuffle(chars)
+        if "".join(chars) != text:
+            return "".join(chars)
+    return text + " xq"
 
 
 def fluent_or_scrambled(next_line_file, n: int) -> list[dict]:

@@ -57,9 +57,10 @@ def layer(m: str) -> int:
         return 6
     if m in ("jobs", "jobs.config") or parts[-1] == "config":
         return 1
-    if len(parts) == 2:
-        return 5
-    return {"data": 2, "checkpoint": 2, "train": 3, "posttrain": 4, "infer": 4, "report": 4}[parts[1]]
+    packages = {"data": 2, "checkpoint": 2, "train": 3, "posttrain": 4, "infer": 4, "report": 4}
+    if parts[1] in packages:
+        return packages[parts[1]]
+    return 5
 
 
 def test_no_import_cycles():
