@@ -12,6 +12,7 @@ The client commands read RAYLM_URL and RAYLM_TOKEN (or --url/--token).
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 from datetime import datetime
@@ -312,7 +313,7 @@ def run(file: Annotated[Path, typer.Argument(help="Job YAML (with kind:) or pipe
         _fail(format_validation_error(e, str(file)), 2)
     except ConfigError as e:
         _fail(str(e), 2)
-    result = sys.modules[type(cfg).__module__].run(cfg)
+    result = importlib.import_module(f"jobs.{cfg.kind}").run(cfg)  # the job's entry module, as `python -m` runs
     if json_:
         typer.echo(json.dumps(result, indent=2, default=str))
 
