@@ -334,10 +334,10 @@ def admit(sessions: sessionmaker[Session], settings: Settings) -> list[str]:
     with sessions() as s:
         _lock(s)  # serializes admission across threads and API processes until the commit
         held = {"cpus": 0.0, "gpus": 0.0}
-        for job in s.scalars(select(Job).where(Job.status.in_(ADMITTED))):
+        for job in s.scalars(select(Job).where(Job.status.in_(ADMITTED))).all():
             for k, v in need(job, totals).items():
                 held[k] += v
-        for job in s.scalars(select(Job).where(Job.status == "QUEUED").order_by(Job.seq)):
+        for job in s.scalars(select(Job).where(Job.status == "QUEUED").order_by(Job.seq)).all():
             n = need(job, totals)
             if any(n[k] > totals[k] for k in n):
                 _note(job, f"queued: needs {_num(n['cpus'])} CPUs and {_num(n['gpus'])} GPUs (driver included); "
@@ -347,6 +347,7 @@ def admit(sessions: sessionmaker[Session], settings: Settings) -> list[str]:
                 _note(job, f"queued: waiting for {_num(n['cpus'])} CPUs and {_num(n['gpus'])} GPUs (driver "
                            f"included) to be free on the cluster")
                 break  # first come, first served: a later, smaller job does not overtake it
+            job.message = None  # the "queued: ..." note no longer holds
             if _transition(s, job.id, "QUEUED", "SUBMITTING", None, commit=False):
                 claimed.append(job.id)
                 for k in n:

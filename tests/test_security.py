@@ -69,7 +69,7 @@ def planted(api, workspace):
     ws = workspace["dir"]
     c = client(api, workspace, "mallory")
     job = c.submit(parked_pretrain("planted"))
-    assert job.status == "QUEUED", job
+    assert job.status not in ("SUCCEEDED", "FAILED", "STOPPED"), job
     out = ws / "mallory" / "planted"
     (out / "sub").mkdir(parents=True)
     (out / "real.txt").write_text("mallory's own\n")
