@@ -27,17 +27,8 @@ from service.db import ACTIVE, ADMITTED, TERMINAL, AdmissionLock, Event, Job, no
 from service.limits import clean_errors, shape_errors, short
 from service.security import PathRejected, Tenant, check_path, tenants
 from service.settings import Settings
-from service.specs import (
-    CLASS_BY_KIND,
-    most,
-    nested_models,
-    path_values,
-    resource_fields,
-    resources,
-    sizes_to_cluster,
-    spec_adapter,
-    with_values,
-)
+from service.specs import (CLASS_BY_KIND, most, nested_models, path_values, resource_fields, resources,
+                           sizes_to_cluster, spec_adapter, with_values)
 
 log = logging.getLogger("raylm.service")
 

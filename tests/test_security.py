@@ -332,6 +332,22 @@ def test_serve_binds_only_what_the_operator_allows(api, workspace, ray_head):
 # ----------------------------------------------------------------------------- admission
 
 
+def test_following_a_queued_job(api, workspace):
+    """A job waiting for room is not on the cluster yet: following its log waits (saying so) and
+    ends when it is stopped."""
+    c = client(api, workspace, "mallory")
+    job = c.submit(parked_pretrain("follow-queued"))
+    assert job.status == "QUEUED" and "the cluster has 4" in c.get(job.id).message
+    got: list[str] = []
+    t = threading.Thread(target=lambda: got.extend(c.logs(job.id, follow=True)))
+    t.start()
+    time.sleep(3)
+    assert t.is_alive()
+    c.stop(job.id)
+    t.join(timeout=60)
+    assert not t.is_alive() and "queued" in "".join(got)
+
+
 def test_burst_of_jobs_all_finish(api, workspace, ray_head):
     """Twice as many jobs as the head has CPUs, at once: each driver holds a CPU and its work needs
     another, so handed to Ray together they would fill every CPU with drivers and wait forever. The
@@ -496,35 +512,42 @@ def test_openapi_fuzz_no_server_errors(api, workspace):
     """Property-based requests generated from the published schema never get a 5xx.
 
     Runs as dave, whose quota (2 unfinished jobs of 1 CPU) lets valid specs through, so the fuzzer
-    reaches past the quota into submission; the number of jobs it can start is bounded by it."""
+    reaches past the quota into submission; each job that gets through is stopped at once, and the
+    number it can start is bounded by the quota. 200 requests to every operation, then 200 more
+    submissions; seeded, so that a run repeats the last one's requests."""
     import schemathesis
-    from hypothesis import HealthCheck, given, settings
+    from hypothesis import HealthCheck, given, seed, settings
 
     schema = schemathesis.openapi.from_url(f"{api.url}/openapi.json")
     hdr = headers(workspace, "dave")
     seen: dict[int, int] = {}
     dave = client(api, workspace, "dave")
 
-    @settings(max_examples=200, deadline=None, database=None, suppress_health_check=list(HealthCheck))
-    @given(case=schema.as_strategy())
-    def check(case):
-        if case.path.endswith("/logs") and (case.query or {}).get("follow") in (True, "true"):
-            case.query["follow"] = False  # a follow on a live job would stream until it ends
-        resp = case.call(base_url=api.url, headers=hdr, timeout=60)
-        seen[resp.status_code] = seen.get(resp.status_code, 0) + 1
-        assert resp.status_code < 500, (case.method, case.path, str(case.body)[:500], resp.text[:500])
-        if resp.status_code == 201:  # a job got through: make room for the next one
-            try:
-                dave.stop(resp.json()["id"])
-            except Conflict:
-                pass  # it has ended already
+    def fuzz(strategy, n: int) -> None:
+        @seed(13)
+        @settings(max_examples=n, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+        @given(case=strategy)
+        def check(case):
+            if case.path.endswith("/logs") and (case.query or {}).get("follow") in (True, "true"):
+                case.query["follow"] = False  # a follow on a live job would stream until it ends
+            resp = case.call(base_url=api.url, headers=hdr, timeout=60)
+            seen[resp.status_code] = seen.get(resp.status_code, 0) + 1
+            assert resp.status_code < 500, (case.method, case.path, str(case.body)[:500], resp.text[:500])
+            if resp.status_code == 201:  # a job got through: make room for the next one
+                try:
+                    dave.stop(resp.json()["id"])
+                except Conflict:
+                    pass  # it has ended already
+
+        check()
 
     try:
-        check()
+        fuzz(schema.as_strategy(), 200)
+        fuzz(schema["/v1/jobs"]["POST"].as_strategy(), 200)
     finally:
         stop_all(dave)
     print(f"fuzz: {dict(sorted(seen.items()))}")
-    assert sum(seen.values()) >= 150 and any(400 <= s < 500 for s in seen)
+    assert sum(seen.values()) >= 350 and any(400 <= s < 500 for s in seen)
     assert seen.get(201, 0) >= 1, f"no valid submission got through: {seen}"
 
 

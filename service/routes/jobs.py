@@ -1,19 +1,11 @@
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Annotated, Any, Literal
 
-from fastapi import (
-    APIRouter,
-    Depends,
-    Header,
-    HTTPException,
-    Path,
-    Query,
-    Request,
-    Response,
-    status,
-)
+from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Request, Response, status
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import PlainTextResponse, StreamingResponse
 from sqlalchemy import func, select
 
@@ -126,7 +118,7 @@ def logs(job_id: JobId, settings: SettingsDep, sessions: SessionsDep, tenant: Te
     """The job's log: from Ray while it runs, from artifact storage once it has ended."""
     job = fresh(sessions, settings, tenant, job_id)
     if follow and job.status in ACTIVE:
-        return StreamingResponse(_follow(settings, job.submission_id), media_type="text/plain")
+        return StreamingResponse(_follow(settings, sessions, job.id, job.submission_id), media_type="text/plain")
     try:  # the archived log, streamed from storage (it can be large)
         f = records.open_log(settings, job)
     except (files.NotAllowed, OSError):
@@ -139,13 +131,27 @@ def logs(job_id: JobId, settings: SettingsDep, sessions: SessionsDep, tenant: Te
                              headers={"Content-Length": str(f.size - start)})
 
 
-async def _follow(settings, submission_id: str):
+async def _follow(settings, sessions, job_id: str, submission_id: str):
+    # A queued job is not on the cluster yet: wait for the service to hand it over.
+    said = False
+    while (st := await run_in_threadpool(_status, sessions, job_id)) in ("QUEUED", "SUBMITTING"):
+        if not said:
+            said = True
+            yield "[raylm] queued: the job starts when the cluster has room for it\n"
+        await asyncio.sleep(1.0)
+    if st not in ACTIVE:
+        return  # stopped (or failed) before it reached the cluster
     try:
         async for chunk in ray_jobs.follow_logs(settings, submission_id):
             yield chunk
     except Exception as e:  # the response has started: the error can only be reported in the stream
         log.warning("following the log of %s: %s", submission_id, e)
         yield f"\n[raylm] log stream ended early ({type(e).__name__}); fetch the log again\n"
+
+
+def _status(sessions, job_id: str) -> str | None:
+    with sessions() as s:
+        return s.scalar(select(Job.status).where(Job.id == job_id))
 
 
 @router.post("/{job_id}/stop", status_code=202, response_model=schemas.Job,
