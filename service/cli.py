@@ -77,7 +77,12 @@ def spec_from_file(path: Path, kind: str | None, sets: list[str] | None = None) 
 
 def inline_nested_files(spec: dict) -> dict:
     """Nested configs given as file names (tune's `pretrain: configs/demo.yaml`), read here: the
-    service reads no files, and the file is on this machine, where a local run would read it."""
+    service reads no files, and the file is on this machine, where a local run would read it.
+
+    The spec classes (service.specs imports every job's config module) are loaded only when some
+    top-level value names a YAML file here, so a plain `raylm submit` stays a small, quick client."""
+    if not any(isinstance(v, str) and _is_yaml_mapping(v) for v in spec.values()):
+        return spec
     from jobs.config import load_config
     from service.specs import CLASS_BY_KIND, nested_models
 
@@ -85,6 +90,14 @@ def inline_nested_files(spec: dict) -> dict:
     nested = nested_models(cls) if cls else {}
     return {k: load_config(nested[k], v).model_dump(mode="json") if k in nested and isinstance(v, str) else v
             for k, v in spec.items()}
+
+
+def _is_yaml_mapping(value: str) -> bool:
+    p = Path(value)
+    try:
+        return p.suffix in (".yaml", ".yml", ".json") and p.is_file() and isinstance(yaml.safe_load(p.read_text()), dict)
+    except (OSError, ValueError, yaml.YAMLError):
+        return False
 
 
 def _api_errors(fn):
@@ -99,7 +112,7 @@ def _api_errors(fn):
         try:
             return fn(*a, **kw)
         except APIError as e:
-            _fail(e.message, 2 if e.status in (401, 404, 409, 422, 429) else 1)
+            _fail(e.message, 2 if e.status in (401, 404, 409, 413, 422, 429) else 1)
         except httpx.TransportError as e:
             _fail(f"cannot reach the control API: {e}")
 
@@ -114,23 +127,35 @@ def _print_json(obj: Any) -> None:
     typer.echo(json.dumps(obj.model_dump(mode="json") if hasattr(obj, "model_dump") else obj, indent=2))
 
 
-def _jobs_table(items) -> None:
+def _table(columns: list[str], rows: list[list[str]], title: str | None = None) -> None:
+    """A table on a terminal; tab-separated lines, nothing cut, when the output is a pipe or a file
+    (where rich would squeeze the columns to the default width)."""
+    if not sys.stdout.isatty():
+        for row in [columns, *rows]:
+            typer.echo("\t".join(c.replace("\t", " ").replace("\n", " ") for c in row))
+        return
     from rich.console import Console
     from rich.table import Table
 
-    t = Table()
-    # ids and statuses are what people copy and grep: never squeezed; the message gives way first
-    t.add_column("ID", no_wrap=True, min_width=16)
-    t.add_column("KIND", no_wrap=True, min_width=8)
-    t.add_column("STATUS", no_wrap=True, min_width=9)
-    t.add_column("CREATED", no_wrap=True, min_width=19)
-    t.add_column("RUN (s)", no_wrap=True, justify="right", min_width=7)
-    t.add_column("MESSAGE", overflow="ellipsis", no_wrap=True, ratio=1)
+    t = Table(title=title)
+    for i, name in enumerate(columns):
+        # ids, kinds and statuses are what people copy and grep: never squeezed; the last column gives way
+        if i == len(columns) - 1:
+            t.add_column(name, no_wrap=True, overflow="ellipsis", ratio=1)
+        else:
+            t.add_column(name, no_wrap=True, min_width=min(40, max(len(r[i]) for r in [columns, *rows])))
+    for row in rows:
+        t.add_row(*row)
+    Console().print(t)
+
+
+def _jobs_table(items) -> None:
+    rows = []
     for j in items:
         run = j.timings.run_s
-        t.add_row(j.id, j.kind, j.status, _ts(j.timings.created_at), f"{run:.1f}" if run else "-",
-                  (j.message or "")[:60])
-    Console().print(t)
+        rows.append([j.id, j.kind, j.status, _ts(j.timings.created_at), f"{run:.1f}" if run else "-",
+                     (j.message or "")[:120]])
+    _table(["ID", "KIND", "STATUS", "CREATED", "RUN (s)", "MESSAGE"], rows)
 
 
 def _follow(c, job_id: str) -> None:
@@ -202,25 +227,19 @@ def status(job_id: str, url: Url = DEFAULT_URL, token: Token = None, json_: Json
     if json_:
         _print_json(job)
         return
-    from rich.console import Console
-    from rich.table import Table
-
-    con = Console()
-    con.print(f"[bold]{job.id}[/bold]  {job.kind}  [bold]{job.status}[/bold]  {job.message or ''}")
-    t = Table("STATUS", "AT", "MESSAGE", title="history")
-    for e in job.history:
-        t.add_row(e.status, _ts(e.at), (e.message or "")[:80])
-    con.print(t)
+    typer.echo(f"{job.id}  {job.kind}  {job.status}  {job.message or ''}")
+    _table(["STATUS", "AT", "MESSAGE"], [[e.status, _ts(e.at), (e.message or "")[:120]] for e in job.history],
+           title="history")
     tm = job.timings
-    con.print(f"queued {tm.queued_s or 0:.1f}s, ran {tm.run_s or 0:.1f}s; resources {job.resources}")
+    typer.echo(f"queued {tm.queued_s or 0:.1f}s, ran {tm.run_s or 0:.1f}s; resources {job.resources}")
     if job.metrics:
-        con.print(f"last metrics: {job.metrics}")
+        typer.echo(f"last metrics: {job.metrics}")
     for k, v in job.lineage.items():
-        con.print(f"lineage {k}: {v}")
+        typer.echo(f"lineage {k}: {v}")
     if job.artifacts and job.artifacts.output:
         a = job.artifacts
-        con.print(f"output {a.output}: {len(a.checkpoints)} checkpoints, {len(a.manifests)} manifests, "
-                  f"{len(a.metrics)} metrics, {len(a.plots)} plots, {len(a.other)} other files")
+        typer.echo(f"output {a.output}: {len(a.checkpoints)} checkpoints, {len(a.manifests)} manifests, "
+                   f"{len(a.metrics)} metrics, {len(a.plots)} plots, {len(a.other)} other files")
 
 
 @app.command()
@@ -262,18 +281,12 @@ def artifacts(job_id: str, url: Url = DEFAULT_URL, token: Token = None, json_: J
     if json_:
         _print_json(a)
         return
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table("TYPE", "PATH", "SIZE")
-    for ck in a.checkpoints:
-        t.add_row("checkpoint", ck.name, f"{len(ck.files)} files")
+    rows = [["checkpoint", ck.name, f"{len(ck.files)} files"] for ck in a.checkpoints]
     for kind, files in (("manifest", a.manifests), ("metrics", a.metrics), ("plot", a.plots), ("other", a.other)):
-        for f in files:
-            t.add_row(kind, f.path, str(f.size or ""))
+        rows += [[kind, f.path, str(f.size or "")] for f in files]
     if a.logs:
-        t.add_row("logs", a.logs, "")
-    Console().print(t)
+        rows.append(["logs", a.logs, ""])
+    _table(["TYPE", "PATH", "SIZE"], rows)
 
 
 @app.command()
@@ -285,23 +298,18 @@ def cluster(url: Url = DEFAULT_URL, token: Token = None, json_: Json = False) ->
     if json_:
         _print_json(cl)
         return
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table("NODE", "IP", "STATE", "CPUS (free/total)", "GPUS (free/total)")
-    for n in cl.nodes:
-        t.add_row((n.node_id or "")[:12] + (" (head)" if n.is_head else ""), n.ip or "", n.state or "",
-                  f"{n.free_cpus:g}/{n.cpus:g}", f"{n.free_gpus:g}/{n.gpus:g}")
-    Console().print(t)
+    _table(["NODE", "IP", "STATE", "CPUS (free/total)", "GPUS (free/total)"],
+           [[(n.node_id or "")[:12] + (" (head)" if n.is_head else ""), n.ip or "", n.state or "",
+             f"{n.free_cpus:g}/{n.cpus:g}", f"{n.free_gpus:g}/{n.gpus:g}"] for n in cl.nodes])
 
 
 @app.command()
 def run(file: Annotated[Path, typer.Argument(help="Job YAML (with kind:) or pipeline YAML (with --kind).")],
         kind: Kind = None, set_: Sets = None, json_: Json = False) -> None:
     """Run a job here, without the service (like `python -m jobs.<kind> --config FILE`)."""
-    from jobs.config import ConfigError, format_validation_error
     from pydantic import ValidationError
 
+    from jobs.config import ConfigError, format_validation_error
     from service.specs import CLASS_BY_KIND, spec_adapter
 
     spec = spec_from_file(file, kind, set_)

@@ -51,6 +51,10 @@ class Conflict(APIError):
     """409: the job is in the wrong state, or an Idempotency-Key was reused with another spec."""
 
 
+class TooLarge(APIError):
+    """413: the request body is over the service's limit (RAYLM_MAX_BODY_BYTES)."""
+
+
 class InvalidSpec(APIError):
     """422: the spec is invalid, names a path outside the tenant's prefixes, or exceeds a per-job limit."""
 
@@ -67,7 +71,8 @@ class WaitTimeout(TimeoutError):
     """`wait` ran out of time before the job ended."""
 
 
-_ERRORS = {401: AuthError, 404: NotFound, 409: Conflict, 422: InvalidSpec, 429: QuotaExceeded, 503: Unavailable}
+_ERRORS = {401: AuthError, 404: NotFound, 409: Conflict, 413: TooLarge, 422: InvalidSpec, 429: QuotaExceeded,
+           503: Unavailable}
 
 
 class Client:
@@ -126,7 +131,21 @@ class Client:
         return schemas.Artifacts.model_validate(self._request("GET", f"/jobs/{job_id}/artifacts").json())
 
     def artifact(self, job_id: str, path: str) -> bytes:
+        """One file of the job's output, whole (use `download` for large ones)."""
         return self._request("GET", f"/jobs/{job_id}/artifacts/{path}").content
+
+    def download(self, job_id: str, path: str, dest: str) -> int:
+        """Stream one file of the job's output to `dest`; returns the bytes written."""
+        n = 0
+        with self._http.stream("GET", f"/jobs/{job_id}/artifacts/{path}", timeout=None) as r:
+            if r.status_code >= 400:
+                r.read()
+                raise _error(r)
+            with open(dest, "wb") as f:
+                for chunk in r.iter_bytes():
+                    f.write(chunk)
+                    n += len(chunk)
+        return n
 
     def cluster(self) -> schemas.Cluster:
         return schemas.Cluster.model_validate(self._request("GET", "/cluster").json())

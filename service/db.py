@@ -11,11 +11,22 @@ import functools
 import time
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, Float, ForeignKey, Integer, String, Text, UniqueConstraint, create_engine, event
+from sqlalchemy import (JSON, Boolean, Float, ForeignKey, Integer, String, Text, UniqueConstraint, create_engine, event,
+                        insert, select)
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    mapped_column,
+    relationship,
+    sessionmaker,
+)
 
-ACTIVE = ("SUBMITTING", "PENDING", "RUNNING")
+# QUEUED: recorded, waiting for the service to admit it to the cluster (service.records.admit).
+ACTIVE = ("QUEUED", "SUBMITTING", "PENDING", "RUNNING")
+ADMITTED = ("SUBMITTING", "PENDING", "RUNNING")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 STATUSES = ACTIVE + TERMINAL
 
@@ -63,6 +74,16 @@ class Event(Base):
     job: Mapped[Job] = relationship(back_populates="events")
 
 
+class AdmissionLock(Base):
+    """One row, updated first in every admission transaction: the database's row (SQLite: write)
+    lock then serializes admissions across threads and API processes."""
+
+    __tablename__ = "admission_lock"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[float] = mapped_column(Float, default=0.0)
+
+
 @functools.cache
 def engine_for(url: str) -> Engine:
     if url.startswith("sqlite"):
@@ -78,6 +99,12 @@ def engine_for(url: str) -> Engine:
     else:
         engine = create_engine(url, pool_pre_ping=True)
     Base.metadata.create_all(engine)
+    try:
+        with engine.begin() as c:
+            if c.scalar(select(AdmissionLock.id)) is None:
+                c.execute(insert(AdmissionLock).values(id=1, at=0.0))
+    except IntegrityError:
+        pass  # another process inserted it first
     return engine
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import functools
 import os
 import tempfile
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +46,9 @@ def entrypoint(kind: str) -> str:
 
     if kind not in KINDS:  # the kinds of the spec classes: the only entrypoints there are
         raise ValueError(f"kind {kind!r} is not one of {KINDS}")
-    return f"python -m jobs.{kind} --config {CONFIG_NAME}"
+    # cluster.interpreter first: a node whose PATH finds the wrong `python` gets told what to do
+    # instead of dying on an import.
+    return f"python -m cluster.interpreter && python -m jobs.{kind} --config {CONFIG_NAME}"
 
 
 def ray_auth_token() -> str | None:
@@ -73,6 +77,16 @@ def dashboard_url(settings: Settings) -> str:
     return (settings.ray_address or _local_dashboard()).rstrip("/")
 
 
+def dashboard_port(settings: Settings) -> int:
+    """The Ray dashboard's port (no job may bind it)."""
+    from urllib.parse import urlsplit
+
+    try:
+        return urlsplit(settings.ray_address or "").port or 8265
+    except ValueError:
+        return 8265
+
+
 def _headers() -> dict[str, str]:
     token = ray_auth_token()
     return {"Authorization": f"Bearer {token}"} if token else {}
@@ -93,7 +107,9 @@ def client(settings: Settings):
 
 
 def _kuberay():
-    from service import kuberay  # imported only for this target: it needs the kubernetes client
+    from service import (
+        kuberay,  # imported only for this target: it needs the kubernetes client
+    )
 
     return kuberay
 
@@ -107,9 +123,11 @@ def submit(settings: Settings, job_id: str, submission_id: str, kind: str, confi
         from service.specs import spec_adapter
 
         spec = spec_adapter.validate_python(yaml.safe_load(config_yaml))
+        from service.specs import most
+
         manifest = k.rayjob_manifest(job_id, kind, config_yaml, image=settings.k8s_image,
                                      namespace=settings.k8s_namespace,
-                                     num_workers=getattr(spec, "num_workers", 1),
+                                     num_workers=most(getattr(spec, "num_workers", 1)),
                                      use_gpu=resources["gpus"] > 0,
                                      worker_cpus=int(max(1, getattr(spec, "cpus_per_worker", 1))))
         try:
@@ -127,8 +145,8 @@ def submit(settings: Settings, job_id: str, submission_id: str, kind: str, confi
                 # No env_vars: the job's own ray.init (cluster.ray_utils) sets the worker environment,
                 # and Ray refuses to merge two runtime_envs that both set env_vars.
                 runtime_env={"working_dir": d, "py_modules": [str(REPO / p) for p in CODE_PACKAGES]},
-                # The driver holds a CPU, so drivers queue in Ray when the cluster is full instead of
-                # piling onto the head node; its workers reserve their own (service.specs.resources).
+                # The driver holds a CPU, counted with its work by the service's admission
+                # (service.records.admit), which hands Ray only jobs that fit beside the others.
                 entrypoint_num_cpus=DRIVER_CPUS,
                 metadata={"raylm_job": job_id, "tenant": tenant, "kind": kind},
             )
@@ -218,6 +236,24 @@ async def follow_logs(settings: Settings, submission_id: str):
     """Yield log chunks as Ray produces them, until the job ends."""
     async for chunk in client(settings).tail_job_logs(submission_id):
         yield chunk
+
+
+_totals_lock = threading.Lock()
+_totals: dict[str, tuple[float, dict[str, float]]] = {}
+TOTALS_TTL_S = 5.0
+
+
+def cluster_totals(settings: Settings) -> dict[str, float]:
+    """CPUs and GPUs of the cluster's alive nodes (what admission fills), cached for a few seconds."""
+    url = dashboard_url(settings)
+    with _totals_lock:
+        at, totals = _totals.get(url, (0.0, {}))
+        if time.monotonic() - at < TOTALS_TTL_S:
+            return totals
+        nodes = [n for n in cluster_resources(settings)["nodes"] if n["state"] in (None, "ALIVE")]
+        totals = {"cpus": sum(n["cpus"] for n in nodes), "gpus": sum(n["gpus"] for n in nodes)}
+        _totals[url] = (time.monotonic(), totals)
+        return totals
 
 
 def cluster_resources(settings: Settings) -> dict:

@@ -110,24 +110,39 @@ _PERCENT = re.compile(r"%[0-9A-Fa-f]{2}")
 _GLOB = re.compile(r"[*?\[]")
 
 
+MAX_PATH_CHARS = 4096
+MAX_COMPONENTS = 64
+MAX_COMPONENT_BYTES = 255
+MAX_GLOB_MATCHES = 10_000
+
+
 def check_path(value: str, tenant: Tenant) -> str:
     """The path as the job will use it (absolute, links resolved) if the tenant may use it; else raise.
 
     Rejected: other URL schemes (file:, http:, gs: ...), `..`, percent-encoding (storage layers
     that decode it would see a different path than the one checked), backslashes and control
-    characters, and anything, after following links, outside every prefix. Relative local paths
-    are taken relative to the tenant's first local prefix.
+    characters, paths over 4096 characters, 64 components or 255 bytes a component, and anything,
+    after following links, outside every prefix. Relative local paths are taken relative to the
+    tenant's first local prefix. The messages never say where a path leads: that would reveal the
+    server's file system (`/proc/self/cwd`) or what another tenant's link points to.
     """
     if not value or value != value.strip():
         raise PathRejected("empty, or surrounded by whitespace")
+    if len(value) > MAX_PATH_CHARS:
+        raise PathRejected(f"longer than {MAX_PATH_CHARS} characters")
     if any(ord(c) < 32 or ord(c) == 127 for c in value) or "\\" in value:
         raise PathRejected("control characters and backslashes are not allowed")
     if _PERCENT.search(value):
         raise PathRejected("percent-encoded characters are not allowed")
+    parts = [p for p in value.split("/") if p]
+    if len(parts) > MAX_COMPONENTS:
+        raise PathRejected(f"more than {MAX_COMPONENTS} components")
+    if any(len(p.encode("utf-8", "surrogatepass")) > MAX_COMPONENT_BYTES for p in parts):
+        raise PathRejected(f"a component longer than {MAX_COMPONENT_BYTES} bytes")
     if value.startswith("s3://"):
         return _check_s3(value, tenant)
     if _SCHEME.match(value):
-        raise PathRejected(f"URL scheme {value.split(':', 1)[0]!r} is not allowed (local paths and s3:// only)")
+        raise PathRejected(f"URL scheme {value.split(':', 1)[0][:20]!r} is not allowed (local paths and s3:// only)")
     if ".." in PurePosixPath(value).parts:
         raise PathRejected("'..' is not allowed")
     local = [p for p in tenant.prefixes if not p.startswith("s3://")]
@@ -136,14 +151,23 @@ def check_path(value: str, tenant: Tenant) -> str:
             raise PathRejected("relative path, and the tenant has no local prefix to resolve it against")
         value = os.path.join(local[0], value)
     value = os.path.normpath(value)
-    candidates = [value]
-    if _GLOB.search(value):  # a glob reads every match: each must stay inside too
-        candidates += glob.glob(value)
-    for c in candidates:
-        real = os.path.realpath(c)
+    outside = PathRejected("outside the tenant's prefixes (after following links)")
+    # A glob: the literal directories before the first wildcard must stay inside (checked before
+    # anything is listed, so a pattern like /*/*/* never walks the server's disk), then every match.
+    literal = value if not _GLOB.search(value) else os.path.dirname(value[: _GLOB.search(value).start()] + "x")
+    if not any(_under(os.path.realpath(literal), p) for p in local):
+        raise outside
+    if not _GLOB.search(value):
+        real = os.path.realpath(value)
         if not any(_under(real, p) for p in local):
-            raise PathRejected(f"{c!r} resolves to {real!r}, outside the tenant's prefixes")
-    return os.path.realpath(value) if not _GLOB.search(value) else value
+            raise outside
+        return real
+    for n, match in enumerate(glob.iglob(value)):
+        if n >= MAX_GLOB_MATCHES:
+            raise PathRejected(f"the pattern matches more than {MAX_GLOB_MATCHES} paths")
+        if not any(_under(os.path.realpath(match), p) for p in local):
+            raise PathRejected("a match of the pattern is outside the tenant's prefixes (after following links)")
+    return value
 
 
 def _under(path: str, prefix: str) -> bool:
@@ -157,5 +181,5 @@ def _check_s3(value: str, tenant: Tenant) -> str:
         raise PathRejected("empty, '.' or '..' components are not allowed in s3:// URIs")
     clean = "s3://" + "/".join(parts)
     if not any(_under(clean, p) for p in tenant.prefixes if p.startswith("s3://")):
-        raise PathRejected(f"{clean!r} is outside the tenant's prefixes")
+        raise PathRejected("outside the tenant's prefixes")
     return clean

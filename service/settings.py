@@ -6,6 +6,7 @@ import functools
 from pathlib import Path
 from typing import Literal
 
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -21,13 +22,29 @@ class Settings(BaseSettings):
     ray_address: str | None = None
     """Dashboard URL of the Ray cluster (http://head:8265). Unset: attach to a local Ray, or start one."""
     artifacts: str = "runs/service"
-    """Where the service keeps what must outlive the cluster (job logs); a local path or s3:// prefix."""
+    """Where the service keeps what must outlive the cluster (job logs); a local path or s3:// prefix.
+    Must not lie inside any tenant's prefixes."""
     submit_target: Literal["ray", "kubernetes"] = "ray"
     """Submit through Ray's job API, or as KubeRay RayJobs."""
     k8s_namespace: str = "default"
     """Namespace of the RayJobs when submit_target is kubernetes."""
     k8s_image: str | None = None
     """Container image of the RayJobs when submit_target is kubernetes."""
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+    """Largest request body accepted (413 above it)."""
+    max_list_items: int = Field(1000, ge=1)
+    """Most items in any one list or mapping of a spec (e.g. `inputs`, `prompts`)."""
+    serve_hosts: list[str] = ["127.0.0.1"]
+    """Interfaces a `serve` job may bind; add 0.0.0.0 only to let tenants expose servers off the node."""
+    serve_ports: tuple[int, int] = (8100, 8199)
+    """Inclusive range of ports a `serve` job may bind; a spec without `port` gets the lowest free one."""
+
+    @field_validator("serve_ports")
+    @classmethod
+    def _check_ports(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if not 1024 <= v[0] <= v[1] <= 65535:
+            raise ValueError(f"need 1024 <= low <= high <= 65535, got {list(v)}")
+        return v
 
 
 @functools.cache

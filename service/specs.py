@@ -23,7 +23,7 @@ from jobs.config import JobConfig, job_kind
 from jobs.data.config import PrepareConfig, TasksConfig
 from jobs.infer.config import EvaluateConfig, GenerateConfig, ServeConfig
 from jobs.posttrain.config import DPOConfig, RewardConfig, SFTConfig
-from jobs.train.config import PretrainConfig, TrainConfig, TuneConfig
+from jobs.train.config import TRIAL_DRIVER_CPUS, PretrainConfig, TuneConfig
 
 SPEC_CLASSES: tuple[type[JobConfig], ...] = (
     PrepareConfig, PretrainConfig, TuneConfig, GenerateConfig, ExportConfig, SFTConfig, DPOConfig, RewardConfig,
@@ -94,18 +94,52 @@ def nested_models(cls: type[BaseModel]) -> dict[str, type[BaseModel]]:
     return out
 
 
-def resources(spec: JobConfig) -> dict[str, float]:
-    """CPUs and GPUs a job holds at its peak, derived from the spec (what quotas are checked against).
+def most(value: Any) -> int:
+    """The largest value of a count that may be an elastic [min, max] range."""
+    return max(value) if isinstance(value, (tuple, list)) else value
 
-    Training-style jobs reserve `num_workers` x `cpus_per_worker` (and a GPU per worker with
-    `use_gpu`); a sweep runs up to `max_concurrent` trials at once (all `num_samples` when unset);
-    a job without workers runs in one task.
+
+def resources(spec: JobConfig) -> dict[str, float]:
+    """CPUs and GPUs a job's work holds at its peak (its driver's CPU not included), derived from
+    the spec: what quotas and the service's admission are checked against.
+
+    Training-style jobs reserve `num_workers` x `cpus_per_worker`, an elastic range by its maximum
+    (and a GPU per worker with `use_gpu`); `serve` runs `num_replicas` replicas of one CPU (and GPU)
+    each; a sweep runs up to `max_concurrent` trials at once (all `num_samples` when unset), each a
+    Tune actor plus the trial's workers; a job without workers runs in one task.
     """
     if isinstance(spec, TuneConfig):
         one = resources(PretrainConfig.model_validate(spec.trial_base()))
         n = spec.max_concurrent or spec.num_samples
-        return {"cpus": one["cpus"] * n, "gpus": one["gpus"] * n}
-    workers = spec.worker_range[1] if isinstance(spec, TrainConfig) else 1  # an elastic run may grow to its max
-    cpus = workers * getattr(spec, "cpus_per_worker", 1)
-    gpus = workers if getattr(spec, "use_gpu", False) else 0
+        return {"cpus": (TRIAL_DRIVER_CPUS + one["cpus"]) * n, "gpus": one["gpus"] * n}
+    units = most(getattr(spec, "num_workers", 1)) * getattr(spec, "num_replicas", 1)
+    cpus = units * getattr(spec, "cpus_per_worker", 1)
+    gpus = units if getattr(spec, "use_gpu", False) else 0
     return {"cpus": cpus, "gpus": gpus}
+
+
+def resource_fields(spec: JobConfig) -> tuple[Loc, str, Loc]:
+    """(field to name for CPUs, how the CPU figure is made up, field to name for GPUs): what a quota
+    error points at, as the tenant wrote it."""
+    if isinstance(spec, TuneConfig):
+        trial = PretrainConfig.model_validate(spec.trial_base())
+        count = ("max_concurrent",) if spec.max_concurrent else ("num_samples",)
+        how = (f"{spec.max_concurrent or spec.num_samples} trials at once ({count[0]}) x ({TRIAL_DRIVER_CPUS} "
+               f"Tune actor + num_workers {most(trial.num_workers)} x cpus_per_worker {trial.cpus_per_worker})")
+        return count, how, ("trial" if "use_gpu" in spec.trial else "pretrain", "use_gpu")
+    fields = type(spec).model_fields
+    if "num_replicas" in fields:
+        return ("num_replicas",), f"num_replicas {spec.num_replicas} x 1", ("use_gpu",)
+    if "num_workers" in fields:
+        w = spec.num_workers
+        how = f"num_workers {most(w)}{' (the maximum of ' + str(list(w)) + ')' if isinstance(w, tuple) else ''}"
+        if "cpus_per_worker" in fields:
+            how += f" x cpus_per_worker {spec.cpus_per_worker}"
+        return ("num_workers",), how, ("use_gpu",)
+    return ("kind",), "one task", ("use_gpu",) if "use_gpu" in fields else ("kind",)
+
+
+def sizes_to_cluster(kind: str) -> bool:
+    """Jobs that size their own concurrency to the cluster (a sweep runs as many trials as fit):
+    admitted with at most the whole cluster, whatever their spec's peak."""
+    return CLASS_BY_KIND.get(kind) is TuneConfig

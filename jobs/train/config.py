@@ -154,6 +154,8 @@ class PretrainConfig(TrainConfig):
 
 # ----------------------------------------------------------------------------- sweeps
 
+# Each trial's Tune actor drives its Train run and holds a CPU of its own (quotas count it too).
+TRIAL_DRIVER_CPUS = 1
 # Trial settings the sweep owns: where a trial writes, and no retries (divergence is deterministic).
 TRIAL_FIXED = {"output", "data", "model", "max_failures"}
 SWEPT = ("lr", "warmup_steps", "weight_decay", "global_batch_size")

@@ -40,12 +40,11 @@ from ray.util.placement_group import PlacementGroup, placement_group_table, remo
 
 from cluster import storage
 from jobs.config import ConfigError
-from jobs.train.config import SWEPT, PretrainConfig, TuneConfig
+from jobs.train.config import SWEPT, TRIAL_DRIVER_CPUS, PretrainConfig, TuneConfig
 from jobs.train.loop import loop_config, prepare_run, train_loop_per_worker
 from jobs.train.trainer import make_trainer
 
 METRIC = "val_loss"
-DRIVER_CPUS = 1  # each trial's Tune actor drives its Train run; it needs a CPU slot of its own
 
 
 # ----------------------------------------------------------------------------- trial
@@ -216,13 +215,13 @@ def concurrency(cfg: TuneConfig, resources: dict) -> int:
     """Trials that fit the cluster at once: a driver CPU plus the trial's Train workers each."""
     trial = PretrainConfig.model_validate({**cfg.trial_base(), "output": "-"})
     workers = trial.worker_range[1]  # an elastic trial may grow to its maximum
-    cpus = DRIVER_CPUS + workers * trial.cpus_per_worker
+    cpus = TRIAL_DRIVER_CPUS + workers * trial.cpus_per_worker
     fit = int(resources.get("CPU", 0) // cpus)
     if trial.use_gpu:
         fit = min(fit, int(resources.get("GPU", 0) // workers))
     if fit < 1:
         raise ConfigError(
-            f"trial: one trial needs {cpus} CPUs ({DRIVER_CPUS} driver + num_workers {workers} * "
+            f"trial: one trial needs {cpus} CPUs ({TRIAL_DRIVER_CPUS} driver + num_workers {workers} * "
             f"cpus_per_worker {trial.cpus_per_worker}){' and GPUs' if trial.use_gpu else ''}, more than the cluster "
             f"has ({resources}); lower trial.num_workers")
     return min(fit, cfg.max_concurrent or fit)
@@ -237,7 +236,7 @@ def make_tuner(cfg: TuneConfig, out: str):
     # Trials run in Tune's working directories: paths relative to here must not be read from there.
     base.update({k: storage.absolute(base[k]) for k in ("data", "init_from") if base.get(k)})
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=base, trials_dir=trials_dir),
-                                    {"CPU": DRIVER_CPUS})
+                                    {"CPU": TRIAL_DRIVER_CPUS})
     fs, path = storage.resolve(out)
     fs.delete_dir_contents(f"{path}/tuner", missing_dir_ok=True)  # never read back: only ours is
     trial_steps = cfg.trial_base()["max_steps"]

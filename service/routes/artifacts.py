@@ -4,11 +4,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, HTTPException
 from fastapi import Path as PathParam
-from fastapi.responses import Response
+from fastapi.responses import StreamingResponse
 
-from cluster import storage
-from service import records, schemas
+from service import files, records, schemas
 from service.deps import SessionsDep, TenantDep
+from service.limits import short
 from service.routes.jobs import JobId, load
 
 router = APIRouter(prefix="/jobs", tags=["artifacts"])
@@ -16,19 +16,24 @@ router = APIRouter(prefix="/jobs", tags=["artifacts"])
 
 @router.get("/{job_id}/artifacts", response_model=schemas.Artifacts)
 def list_artifacts(job_id: JobId, sessions: SessionsDep, tenant: TenantDep) -> schemas.Artifacts:
-    """The job's output: checkpoints, shard manifests, metrics, plots, its archived log and the rest."""
-    return records.artifacts(load(sessions, tenant, job_id))
+    """The job's output: checkpoints, shard manifests, metrics, plots, its archived log and the rest.
+    Links are listed only if they lead to a file inside the output."""
+    return records.artifacts(load(sessions, tenant, job_id), tenant.prefixes)
 
 
-@router.get("/{job_id}/artifacts/{path:path}", response_class=Response,
-            responses={200: {"content": {"application/octet-stream": {}}}})
-def get_artifact(job_id: JobId, path: Annotated[str, PathParam(max_length=1024)], sessions: SessionsDep,
-                 tenant: TenantDep) -> Response:
-    """One file of the job's output, by its path in the listing."""
+@router.get("/{job_id}/artifacts/{path:path}", response_class=StreamingResponse,
+            responses={200: {"content": {"application/octet-stream": {}}},
+                       404: {"description": "No such file in the job's output, or a link that leads out of it"}})
+def get_artifact(job_id: JobId, path: Annotated[str, PathParam(max_length=4096)], sessions: SessionsDep,
+                 tenant: TenantDep) -> StreamingResponse:
+    """One file of the job's output, by its path in the listing, streamed. Served only if its real
+    path (links resolved) is inside the job's output and the tenant's prefixes."""
     job = load(sessions, tenant, job_id)
-    uri = records.artifact_uri(job, path)  # only names from the listing: nothing outside the output
-    if uri is None:
-        raise HTTPException(404, f"no artifact {path!r} in job {job_id}")
-    media = "image/png" if uri.endswith(".png") else "application/json" if uri.endswith(".json") else \
+    try:
+        f = records.open_artifact(job, path, tenant.prefixes)
+    except (files.NotAllowed, OSError):
+        # one answer for "missing" and "leads outside": which it is would say what is out there
+        raise HTTPException(404, f"no artifact {short(path)} in job {job_id}") from None
+    media = "image/png" if path.endswith(".png") else "application/json" if path.endswith(".json") else \
         "application/octet-stream"
-    return Response(storage.read_bytes(uri), media_type=media)
+    return StreamingResponse(f.chunks(), media_type=media, headers={"Content-Length": str(f.size)})

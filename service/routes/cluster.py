@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import logging
+
 from fastapi import APIRouter, HTTPException
 
 from service import ray_jobs, schemas
@@ -14,7 +16,8 @@ def cluster(settings: SettingsDep, tenant: TenantDep) -> schemas.Cluster:
     try:
         nodes = [schemas.Node(**n) for n in ray_jobs.cluster_resources(settings)["nodes"]]
     except ray_jobs.ClusterUnavailable as e:
-        raise HTTPException(503, str(e)) from e
+        logging.getLogger("raylm.service").warning("cluster: %s", e)  # the details name internal addresses
+        raise HTTPException(503, "the cluster could not be reached; try again") from None
     alive = [n for n in nodes if n.state in (None, "ALIVE")]
     return schemas.Cluster(nodes=nodes, cpus=sum(n.cpus for n in alive), gpus=sum(n.gpus for n in alive),
                            free_cpus=sum(n.free_cpus for n in alive), free_gpus=sum(n.free_gpus for n in alive))

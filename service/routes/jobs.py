@@ -1,17 +1,20 @@
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import asyncio
+import logging
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Request, Response, status
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import PlainTextResponse, StreamingResponse
-from pydantic import ValidationError
 from sqlalchemy import func, select
 
-from cluster import storage
-from service import ray_jobs, records, schemas
+from service import files, limits, ray_jobs, records, schemas
 from service.db import ACTIVE, STATUSES, TERMINAL, Job
 from service.deps import SessionsDep, SettingsDep, TenantDep
-from service.specs import CLASS_BY_KIND, KINDS, JobSpec, spec_adapter
+from service.specs import KINDS
+
+log = logging.getLogger("raylm.service")
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -22,26 +25,20 @@ def rejected(e: records.Rejected) -> HTTPException:
     return HTTPException(e.status, e.errors)
 
 
-async def guard_raw_spec(request: Request, tenant: TenantDep) -> None:
-    """Runs after authentication and before the body is validated into a spec: refuses what
-    validation itself would act on (records.check_raw_spec), and turns a config validator that
-    fails with something other than a ValueError into a 422 instead of a 500."""
+async def spec_body(request: Request) -> Any:
+    """The request body as JSON (the body-size middleware has already refused an oversized one)."""
+    body = await request.body()
     try:
-        raw = await request.json()
-    except ValueError:
-        return  # not JSON: the body validation reports it
-    cls = CLASS_BY_KIND.get(raw.get("kind")) if isinstance(raw, dict) and isinstance(raw.get("kind"), str) else None
-    try:
-        records.check_raw_spec(raw, cls)
-    except records.Rejected as e:
-        raise rejected(e) from None
-    try:
-        spec_adapter.validate_python(raw)
-    except ValidationError:
-        return  # reported by FastAPI's own body validation, in its usual shape
-    except Exception as e:
-        raise HTTPException(422, [{"loc": ["body"], "msg": f"invalid spec: {type(e).__name__}: {e}",
-                                   "type": "value_error"}]) from None
+        return limits.parse_json(body)
+    except ValueError as e:
+        raise HTTPException(422, [{"loc": ["body"], "msg": f"the body is not JSON: {limits.short(str(e), 120)}",
+                                   "type": "json_invalid"}]) from None
+
+
+# The body is read and validated by hand (records.parse_spec), so that authentication and the quota
+# come before validation and validation runs once; its schema is published all the same.
+SPEC_BODY = {"requestBody": {"required": True, "content": {"application/json": {
+    "schema": {"$ref": "#/components/schemas/JobSpec"}}}}}
 
 
 def load(sessions, tenant, job_id: str) -> Job:
@@ -64,18 +61,23 @@ def fresh(sessions, settings, tenant, job_id: str) -> Job:
     return load(sessions, tenant, job_id)
 
 
-@router.post("", status_code=201, response_model=schemas.Job, dependencies=[Depends(guard_raw_spec)],
+@router.post("", status_code=201, response_model=schemas.Job, openapi_extra=SPEC_BODY,
              responses={200: {"model": schemas.Job, "description": "The job first submitted with this Idempotency-Key"},
-                        409: {"description": "Idempotency-Key reused with a different spec"},
-                        422: {"description": "Invalid spec, a path outside the tenant's prefixes, or over a per-job limit"},
-                        429: {"description": "Over the tenant's max_concurrent_jobs"},
-                        503: {"description": "The cluster could not take the job"}})
-def submit(spec: JobSpec, settings: SettingsDep, sessions: SessionsDep, tenant: TenantDep, response: Response,
+                        409: {"description": "Idempotency-Key reused with a different spec, or another server job "
+                                             "(serve) is running"},
+                        413: {"description": "The body is over the service's max_body_bytes"},
+                        422: {"description": "Invalid spec, a path outside the tenant's prefixes, over a per-job "
+                                             "limit, or over a request limit (list lengths, numbers, nesting)"},
+                        429: {"description": "Over the tenant's max_concurrent_jobs"}})
+def submit(tenant: TenantDep, raw: Annotated[Any, Depends(spec_body)], settings: SettingsDep, sessions: SessionsDep,
+           response: Response,
            idempotency_key: Annotated[str | None, Header(min_length=1, max_length=255, pattern=r"^[\x21-\x7e]+$")] = None,
            ) -> schemas.Job:
     """Submit a job. The spec is the job's own config (`kind` selects which); the service writes it to
-    a file and runs `python -m jobs.<kind> --config <that file>` on the cluster."""
+    a file and runs `python -m jobs.<kind> --config <that file>` on the cluster once the cluster has
+    room for it (status QUEUED until then)."""
     try:
+        spec = records.parse_spec(raw, tenant, settings, sessions, idempotency_key)
         job, created = records.submit(sessions, settings, tenant, spec, idempotency_key)
     except records.Rejected as e:
         raise rejected(e) from None
@@ -105,7 +107,7 @@ def list_jobs(sessions: SessionsDep, tenant: TenantDep,
 @router.get("/{job_id}", response_model=schemas.JobDetail)
 def get_job(job_id: JobId, settings: SettingsDep, sessions: SessionsDep, tenant: TenantDep) -> schemas.JobDetail:
     """Spec, status and its history, timings, last metrics, artifacts and lineage."""
-    return records.detail(fresh(sessions, settings, tenant, job_id))
+    return records.detail(fresh(sessions, settings, tenant, job_id), tenant.prefixes)
 
 
 @router.get("/{job_id}/logs", response_class=PlainTextResponse,
@@ -116,28 +118,40 @@ def logs(job_id: JobId, settings: SettingsDep, sessions: SessionsDep, tenant: Te
     """The job's log: from Ray while it runs, from artifact storage once it has ended."""
     job = fresh(sessions, settings, tenant, job_id)
     if follow and job.status in ACTIVE:
-        return StreamingResponse(_follow(settings, job.submission_id), media_type="text/plain")
-    text = _log_text(settings, job)
-    if tail:
-        text = "".join(text.splitlines(keepends=True)[-tail:])
-    return PlainTextResponse(text)
+        return StreamingResponse(_follow(settings, sessions, job.id, job.submission_id), media_type="text/plain")
+    try:  # the archived log, streamed from storage (it can be large)
+        f = records.open_log(settings, job)
+    except (files.NotAllowed, OSError):
+        text = ray_jobs.logs(settings, job.submission_id) or ""
+        if tail:
+            text = "".join(text.splitlines(keepends=True)[-tail:])
+        return PlainTextResponse(text)
+    start = f.tail_start(tail) if tail else 0
+    return StreamingResponse(f.chunks(start), media_type="text/plain; charset=utf-8",
+                             headers={"Content-Length": str(f.size - start)})
 
 
-def _log_text(settings, job: Job) -> str:
-    if job.logs_uri:
-        try:
-            return storage.read_text(job.logs_uri)
-        except OSError:
-            pass
-    return ray_jobs.logs(settings, job.submission_id) or ""
-
-
-async def _follow(settings, submission_id: str):
+async def _follow(settings, sessions, job_id: str, submission_id: str):
+    # A queued job is not on the cluster yet: wait for the service to hand it over.
+    said = False
+    while (st := await run_in_threadpool(_status, sessions, job_id)) in ("QUEUED", "SUBMITTING"):
+        if not said:
+            said = True
+            yield "[raylm] queued: the job starts when the cluster has room for it\n"
+        await asyncio.sleep(1.0)
+    if st not in ACTIVE:
+        return  # stopped (or failed) before it reached the cluster
     try:
         async for chunk in ray_jobs.follow_logs(settings, submission_id):
             yield chunk
     except Exception as e:  # the response has started: the error can only be reported in the stream
-        yield f"\n[raylm] log stream ended: {e}\n"
+        log.warning("following the log of %s: %s", submission_id, e)
+        yield f"\n[raylm] log stream ended early ({type(e).__name__}); fetch the log again\n"
+
+
+def _status(sessions, job_id: str) -> str | None:
+    with sessions() as s:
+        return s.scalar(select(Job.status).where(Job.id == job_id))
 
 
 @router.post("/{job_id}/stop", status_code=202, response_model=schemas.Job,
@@ -147,10 +161,13 @@ def stop(job_id: JobId, settings: SettingsDep, sessions: SessionsDep, tenant: Te
     job = fresh(sessions, settings, tenant, job_id)
     if job.status in TERMINAL:
         raise HTTPException(409, f"job {job_id} has already ended ({job.status})")
+    if job.status == "QUEUED" and records.stop_queued(sessions, job.id):
+        return records.to_schema(load(sessions, tenant, job_id))
     try:
         ray_jobs.stop(settings, job.id, job.submission_id)
     except ray_jobs.ClusterUnavailable as e:
-        raise HTTPException(503, str(e)) from e
+        log.warning("stopping job %s: %s", job.id, e)
+        raise HTTPException(503, "the cluster could not be reached; try again") from None
     return records.to_schema(fresh(sessions, settings, tenant, job_id))
 
 
