@@ -12,6 +12,8 @@ WORKER_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     # CPU-only nodes: make DeepSpeed pick its CPU accelerator instead of probing for CUDA.
     **({"DS_ACCELERATOR": os.environ["DS_ACCELERATOR"]} if "DS_ACCELERATOR" in os.environ else {}),
+    # A job the control API runs refuses links in tenant storage in every process (cluster.storage).
+    **({"RAYLM_NO_LINKS": os.environ["RAYLM_NO_LINKS"]} if "RAYLM_NO_LINKS" in os.environ else {}),
 }
 
 

@@ -42,17 +42,36 @@ def s3_filesystem() -> pafs.S3FileSystem:
     return pafs.S3FileSystem(**kwargs)
 
 
+NO_LINKS = "RAYLM_NO_LINKS"
+
+
+def local_path(path: str | os.PathLike) -> str:
+    """The absolute, link-free form of a local path.
+
+    A job the control API runs has RAYLM_NO_LINKS=1 in its environment (and its Ray workers'): it
+    receives its paths fully resolved, and everything under them is a tenant's storage, where a
+    symbolic link could lead anywhere the cluster's user can read (another tenant's data, a
+    process's environment with the cluster's token). There a path that passes through a link is
+    refused instead of followed. Run by hand, a job follows links as usual.
+    """
+    plain = os.path.abspath(os.path.expanduser(path))
+    real = os.path.realpath(plain)
+    if real != plain and os.environ.get(NO_LINKS) == "1":
+        raise PermissionError(f"{path}: passes through a symbolic link; links in a tenant's storage are not followed")
+    return real
+
+
 def resolve(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it) for a local path or an s3:// URI."""
     uri = str(uri)
     if is_s3(uri):
         return s3_filesystem(), uri[len("s3://"):].rstrip("/")
-    return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+    return pafs.LocalFileSystem(), local_path(uri)
 
 
 def absolute(uri: str | os.PathLike) -> str:
     """Local paths made absolute (Ray workers run in other directories); URIs unchanged."""
-    return str(uri) if is_s3(uri) else str(Path(uri).expanduser().resolve())
+    return str(uri) if is_s3(uri) else local_path(uri)
 
 
 def join(uri: str | os.PathLike, *parts: str) -> str:
@@ -85,7 +104,7 @@ def write_bytes(uri: str | os.PathLike, data: bytes) -> None:
         with fs.open_output_stream(path) as f:  # one PUT: S3 objects appear whole
             f.write(data)
         return
-    path = Path(uri).expanduser()
+    path = Path(local_path(uri))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -165,7 +184,7 @@ def stage_local(uri: str | os.PathLike, cache_root: str | os.PathLike | None = N
     concurrent stagers on one node never see half a copy.
     """
     if not is_s3(uri):
-        return Path(uri).expanduser().resolve()
+        return Path(local_path(uri))
     root = Path(cache_root or os.environ.get("RAYLM_STAGE_DIR", Path(tempfile.gettempdir()) / "raylm-stage"))
     dest = root / hashlib.sha256(str(uri).encode()).hexdigest()[:16]
     if dest.is_dir():

@@ -77,7 +77,8 @@ def entrypoint(kind: str) -> str:
     """The fixed command a RayJob runs for `kind`; anything outside JOB_KINDS is refused."""
     if kind not in JOB_KINDS:
         raise ValueError(f"kind {kind!r} is not a raylm job; expected one of {', '.join(JOB_KINDS)}")
-    return f"python -m jobs.{kind} --config {CONFIG_PATH}"
+    # RAYLM_NO_LINKS: the job and its workers follow no link in the tenant's storage (cluster.storage).
+    return f"RAYLM_NO_LINKS=1 python -m jobs.{kind} --config {CONFIG_PATH}"
 
 
 def installed_ray_version() -> str:

@@ -47,8 +47,9 @@ def entrypoint(kind: str) -> str:
     if kind not in KINDS:  # the kinds of the spec classes: the only entrypoints there are
         raise ValueError(f"kind {kind!r} is not one of {KINDS}")
     # cluster.interpreter first: a node whose PATH finds the wrong `python` gets told what to do
-    # instead of dying on an import.
-    return f"python -m cluster.interpreter && python -m jobs.{kind} --config {CONFIG_NAME}"
+    # instead of dying on an import. RAYLM_NO_LINKS: the job and its workers follow no link in the
+    # tenant's storage (cluster.storage.local_path).
+    return f"python -m cluster.interpreter && RAYLM_NO_LINKS=1 python -m jobs.{kind} --config {CONFIG_NAME}"
 
 
 def ray_auth_token() -> str | None:

@@ -560,3 +560,72 @@ def test_quota_429_still_names_the_limit(api, workspace):
     with pytest.raises(QuotaExceeded) as e:
         client(api, workspace, "carol").submit({"kind": "generate", "run": "r"})
     assert "max_concurrent_jobs" in e.value.message
+
+
+# ----------------------------------------------------------------------------- links meet the jobs
+
+
+def test_jobs_follow_no_links_in_tenant_storage(tmp_path, monkeypatch):
+    """Jobs the API runs (RAYLM_NO_LINKS=1, set by the entrypoint for the job and its workers)
+    refuse paths through links: reading, writing, listing inputs, shards and HF weights."""
+    from cluster import storage
+    from cluster.ray_utils import WORKER_ENV
+    from jobs.checkpoint.load import CheckpointError, verify_export
+    from jobs.data.inputs import expand_inputs
+    from service import kuberay
+    from service.ray_jobs import entrypoint
+
+    assert "RAYLM_NO_LINKS=1 python -m jobs.prepare" in entrypoint("prepare")
+    assert "RAYLM_NO_LINKS=1 python -m jobs.prepare" in kuberay.entrypoint("prepare")
+    secret = tmp_path / "elsewhere" / "secret.txt"
+    secret.parent.mkdir()
+    secret.write_text("BOB-SECRET\n")
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "real.md").write_text("# A\nwords\n")
+    (own / "stolen.md").symlink_to(secret)
+    (own / "dir").symlink_to(secret.parent)
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "model.safetensors").symlink_to(secret)
+    # by hand, links work as usual
+    assert storage.read_text(own / "stolen.md") == "BOB-SECRET\n"
+    monkeypatch.setenv("RAYLM_NO_LINKS", "1")
+    with pytest.raises(PermissionError, match="symbolic link"):
+        storage.read_bytes(own / "stolen.md")
+    with pytest.raises(PermissionError, match="symbolic link"):
+        storage.write_text(own / "dir" / "planted.txt", "x")
+    assert not (secret.parent / "planted.txt").exists()
+    with pytest.raises(PermissionError, match=r"inputs\[0\]: .*symbolic link"):
+        expand_inputs([str(own)])
+    assert storage.read_text(own / "real.md").startswith("# A")
+    with pytest.raises(CheckpointError, match="model.safetensors leads out of the directory"):
+        verify_export(tmp_path / "hf", "hf")
+    # every Ray worker of such a job gets the setting (cluster.ray_utils passes it on)
+    code = "from cluster.ray_utils import WORKER_ENV; print(WORKER_ENV.get('RAYLM_NO_LINKS'))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True,
+                         env={**os.environ, "RAYLM_NO_LINKS": "1"})
+    assert out.stdout.strip() == "1" and "RAYLM_NO_LINKS" not in WORKER_ENV
+
+
+def test_a_job_refuses_a_link_planted_in_its_inputs(api, workspace):
+    """End to end: a prepare job whose input directory holds a link to another tenant's file fails
+    before reading anything, naming the input, and writes no shards."""
+    ws = workspace["dir"]
+    c = client(api, workspace, "mallory")
+    (ws / "bob" / "private").mkdir(parents=True, exist_ok=True)
+    (ws / "bob" / "private" / "secret.md").write_text("# BOB\nBOB-SECRET words words words\n")
+    src = ws / "mallory" / "linked-inputs"
+    src.mkdir(parents=True, exist_ok=True)
+    (src / "own.md").write_text("# Mine\n" + "plain words of my own corpus\n" * 50)
+    if not (src / "theirs.md").is_symlink():
+        (src / "theirs.md").symlink_to(ws / "bob" / "private" / "secret.md")
+    job = c.submit({"kind": "prepare", "inputs": ["linked-inputs"], "output": "linked-out", "vocab_size": 262,
+                    "seq_len": 8, "num_shards": 1})
+    deadline = time.monotonic() + 600
+    while (j := c.get(job.id)).status not in ("SUCCEEDED", "FAILED", "STOPPED") and time.monotonic() < deadline:
+        time.sleep(2)
+    assert j.status == "FAILED", (j.status, j.message)
+    log = "".join(c.logs(job.id))
+    assert "inputs[0]" in log and "symbolic link" in log, log[-2000:]
+    out = ws / "mallory" / "linked-out"
+    assert not list(out.glob("*.npy")) and not (out / "tokenizer.json").exists()

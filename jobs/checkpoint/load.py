@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
 import subprocess
 import sys
@@ -68,8 +69,13 @@ def resolve_source(path: str) -> tuple[Path, str, str]:
 
 
 def verify_export(local: Path, source: str) -> None:
-    """Our HF exports list each file's sha256 in raylm_export.json; other HF directories have no
+    """No file of an HF directory may lead out of it (a link to another tenant's weights, say);
+    our exports also list each file's sha256 in raylm_export.json. Other HF directories have no
     checksums to check (their safetensors weights carry no code)."""
+    root = os.path.realpath(local)
+    for f in sorted(local.iterdir()):
+        if not os.path.realpath(f).startswith(root + os.sep):
+            raise CheckpointError(f"{source}: {f.name} leads out of the directory (a symbolic link)")
     info = local / EXPORT_INFO
     if not info.is_file():
         return

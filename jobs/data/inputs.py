@@ -55,7 +55,10 @@ def expand_inputs_sized(inputs: list[str]) -> list[tuple[str, int]]:
                 paths = [Path(spec)]
             else:
                 paths = []
-            found = sorted((storage.absolute(p), p.stat().st_size) for p in paths)
+            try:  # under the control API a link in the tenant's storage is refused, here before any task
+                found = sorted((storage.absolute(p), p.stat().st_size) for p in paths)
+            except PermissionError as e:
+                raise PermissionError(f"inputs[{i}]: {e}") from None
         if not found:
             raise FileNotFoundError(f"inputs[{i}]: {spec!r} matches no file")
         if not any(size for _, size in found):

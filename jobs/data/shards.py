@@ -116,7 +116,8 @@ class ShardLoader:
 
     def __init__(self, data_dir: str | Path, manifest: dict, split: str, seed: int):
         shards = manifest["splits"][split]["shards"]
-        self.arrays = [np.load(Path(data_dir) / s["file"], mmap_mode="r") for s in shards if s["sequences"]]
+        self.arrays = [np.load(storage.local_path(Path(data_dir) / s["file"]), mmap_mode="r")
+                       for s in shards if s["sequences"]]
         self.offsets = np.cumsum([0] + [len(a) for a in self.arrays])
         self.n = int(self.offsets[-1])
         if self.n == 0:
