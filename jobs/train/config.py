@@ -149,7 +149,7 @@ class PretrainConfig(TrainConfig):
             # pipeline schedule reduces itself.
             raise ValueError(f"zero_stage ({self.zero_stage}) must be 0 or 1 with pipeline_stages > 1: "
                              f"DeepSpeed does not combine ZeRO-2/3 with pipeline parallelism")
-        if self.model.n_layers < self.pipeline_stages:
+        if self.pipeline_stages > 1 and self.model.n_layers < self.pipeline_stages:
             raise ValueError(f"model.n_layers ({self.model.n_layers}) must be at least pipeline_stages "
                              f"({self.pipeline_stages}): every stage holds one block or more")
         if self.pipeline_stages > 1 and lo != hi:

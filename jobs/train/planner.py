@@ -198,10 +198,11 @@ def memory(m: ModelConfig, layout: Layout, seq: int, global_batch: int, features
     t, p, d, b = layout.tp, layout.pp, layout.dp, layout.micro
     micro_batches = max(1, global_batch // (b * d))
     h, V = m.d_model, m.vocab_size
-    per_block = (m.num_params(non_embedding=True) - m.d_model * (2 if m.bias else 1)) / m.n_layers
+    norm = m.d_model * (2 if m.bias else 1)  # the final norm, on the last stage
+    per_block = (m.num_params(non_embedding=True) - norm) / max(1, m.n_layers)
     vocab_split = t if features.vocab_parallel else 1
     embedding = (V * h + (m.max_seq_len * h if m.arch == "gpt2" else 0)) / vocab_split
-    head = V * h / vocab_split  # untied; tied, the last stage holds a copy of the embedding
+    head = V * h / vocab_split + norm  # untied; tied, the last stage holds a copy of the embedding
     first, last = stage_blocks(m.n_layers, p)
     a_layer = layer_activation_bytes(m, seq, b, t, features.sequence_parallel, precision.elem)
     checkpointed = precision.elem * seq * b * h / (t if features.sequence_parallel else 1)
@@ -222,7 +223,7 @@ def memory(m: ModelConfig, layout: Layout, seq: int, global_batch: int, features
                 "zero3_buffers": gathered}
 
     if p == 1:
-        stages = [stage(m.n_layers, 1, embedding + (0 if m.tie_embeddings else head), True)]
+        stages = [stage(m.n_layers, 1, embedding + (norm if m.tie_embeddings else head), True)]
     else:
         stages = [stage(first, min(p, micro_batches), embedding, False),
                   stage(last, 1, head, True)]
@@ -242,7 +243,7 @@ def step_time(m: ModelConfig, layout: Layout, seq: int, global_batch: int, gpu: 
     mb = global_batch // (b * d)
     tokens = b * seq
     h, V = m.d_model, m.vocab_size
-    per_block = (m.num_params(non_embedding=True) - m.d_model * (2 if m.bias else 1)) / m.n_layers
+    per_block = (m.num_params(non_embedding=True) - m.d_model * (2 if m.bias else 1)) / max(1, m.n_layers)
     flops = gpu.peak_flops * assume.gemm_efficiency
     eff = assume.collective_efficiency
     vocab_split = t if features.vocab_parallel else 1
