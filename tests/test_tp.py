@@ -203,9 +203,11 @@ def test_tp2_with_two_replicas_reads_their_rows_and_norms_the_shards(tp_dp_run):
     model, losses, norms = reference(run.parent, cfg, 8)
     assert_tracks([h["loss"] for h in got], losses, "loss")
     assert_tracks([h["grad_norm"] for h in got], norms, "gradient norm (the loop's own, ZeRO-0)")
-    # gpt2's key bias has a true gradient of 0 (softmax cancels q.b_k), so Adam turns float noise
-    # into lr-sized steps there under any change of summation order: it is held to 1e-4
-    assert_same_weights(final_weights(run), model, skip=("attn.wk.bias",))
+    # Two replicas sum the gradients in another order than one process does, and Adam turns the
+    # float noise of near-zero gradients into lr-sized steps: gpt2's key bias (its true gradient is
+    # 0: softmax cancels q.b_k) and the rows of rarely seen tokens in the untied embedding. Those
+    # two are held to 1e-4 (observed 2e-5), everything else to 1e-5.
+    assert_same_weights(final_weights(run), model, skip=("attn.wk.bias", "tok_emb.weight"))
     assert_same_weights(final_weights(run), model, atol=1e-4)
     (start,) = starts(run)
     assert start["engine"]["tensor_parallel_size"] == 2 and start["engine"]["data_parallel_size"] == 2

@@ -447,10 +447,10 @@ def estimate_memory(cfg: PretrainConfig, mcfg: ModelConfig, seq_len: int, world:
     layout (the module docstring's model; bf16 on GPUs, fp32 on CPU)."""
     world = world or cfg.worker_range[1]
     mem = memory(mcfg, layout_of(cfg, mcfg, world), seq_len, cfg.global_batch_size,
-                 precision=BF16 if cfg.use_gpu else FP32, offload_optimizer=cfg.offload_optimizer)
+                 precision=BF16 if cfg.use_gpu else FP32, offload_optimizer=cfg.offload_optimizer,
+                 overhead=load_assumptions().overhead_bytes if cfg.use_gpu else 0.0)
     return {k: mem[k] for k in ("weights", "gradients", "optimizer")} | {
-        "activations": mem["activations"] + mem["zero3_buffers"],
-        "total": mem["total"]}
+        "activations": mem["activations"] + mem["zero3_buffers"], "overhead": mem["overhead"], "total": mem["total"]}
 
 
 def worker_memory_bytes(cfg: PretrainConfig) -> float:
@@ -486,7 +486,8 @@ def format_plan(p: dict) -> str:
         f"FLOPs per token       {p['flops_per_token'] / 1e9:10.3f} GFLOP (6N + 12*L*d*T)",
         f"layout                {p['layout']}",
         "memory per worker:",
-        *[f"  {k:<19} {m[k] / gib:10.2f} GiB" for k in ("weights", "gradients", "optimizer", "activations", "total")],
+        *[f"  {k:<19} {m[k] / gib:10.2f} GiB" for k in ("weights", "gradients", "optimizer", "activations", "overhead",
+                                                          "total")],
         f"  available           {p['worker_memory_bytes'] / gib:10.2f} GiB",
         f"compute-optimal data  {p['compute_optimal_tokens'] / 1e9:10.1f} B tokens (20 per parameter)",
         f"time at {p['mfu']:.0%} MFU      {p['hours_at_mfu']:10.1f} h on {p['workers']} x {p['gpu']}",
