@@ -164,10 +164,10 @@ def layer_activation_bytes(m: ModelConfig, s: int, b: int, t: int = 1, sequence_
     return s * b * h * ((whole / t if sequence_parallel else whole) + split / t)
 
 
-# Bytes per logit element at the loss's backward, the peak: the logits (elem, still referenced by
-# the caller), the fp32 log-softmax GPT.forward's cross-entropy keeps (4), and the backward's fp32
-# gradients of both (4 + 4).
-LOGIT_BYTES_FP32 = 12
+# Bytes per logit element at the loss's backward, the peak, besides the logits themselves (elem
+# bytes, still referenced by the caller): the fp32 log-softmax GPT.forward's cross-entropy keeps
+# (4) and the backward's fp32 gradients of it and of its input (4 + 4).
+LOGIT_FP32_BYTES = 12
 
 
 def stage_blocks(n_layers: int, pp: int) -> tuple[int, int]:
@@ -206,7 +206,7 @@ def memory(m: ModelConfig, layout: Layout, seq: int, global_batch: int, features
     first, last = stage_blocks(m.n_layers, p)
     a_layer = layer_activation_bytes(m, seq, b, t, features.sequence_parallel, precision.elem)
     checkpointed = precision.elem * seq * b * h / (t if features.sequence_parallel else 1)
-    logits = LOGIT_BYTES_FP32 * b * seq * V / vocab_split
+    logits = (precision.elem + LOGIT_FP32_BYTES) * b * seq * V / vocab_split
 
     def stage(blocks: int, in_flight: int, ends: float, with_logits: bool) -> dict[str, float]:
         params = blocks * per_block / t + ends
