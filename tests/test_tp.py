@@ -167,8 +167,9 @@ def tp_pp_run(tp_data):
 def tp1_resumed(tp_run):
     run, cfg = tp_run
     out = run.parent / "tp2-then-tp1"
-    shutil.copytree(run, out)
-    shutil.rmtree(out / "checkpoint_0000020")  # the run as it stood after step 10
+    # a new job on a run directory holding the TP 2 run's step-10 checkpoint (Ray's own records of
+    # the first run stay behind: they name a step-20 checkpoint this directory does not have)
+    shutil.copytree(run / "checkpoint_0000010", out / "checkpoint_0000010")
     pretrain(cfg.model_copy(update={"output": str(out), "tensor_parallel": 1}))
     return out
 
