@@ -1,4 +1,5 @@
-"""Training throughput of the pretraining paths on Ray Train: single process, ZeRO-0, ZeRO-3, pipeline.
+"""Training throughput of the pretraining paths on Ray Train: single process, ZeRO-0, ZeRO-3, pipeline,
+tensor parallelism.
 
 Every mode trains the same model on the same global batch of random tokens (data loading is not
 what is measured) with the engine jobs.pretrain / jobs.pipeline build:
@@ -7,6 +8,8 @@ what is measured) with the engine jobs.pretrain / jobs.pipeline build:
   zero0    DeepSpeed ZeRO-0 (plain data parallel) on every worker, jobs.train.engine.build_engine
   zero3    the same with ZeRO-3 (parameters, gradients and optimizer state partitioned)
   pp       jobs.train.pipeline.pipeline_engine: 2 pipeline stages, ZeRO-0
+  tp       jobs.train.engine.build_engine with tensor_parallel 2 (DeepSpeed AutoTP): both workers split
+           every block and read the same micro-batches, ZeRO-0
 
 One TorchTrainer runs them all: each worker builds every engine once, then the modes take turns,
 round by round, so that load from other jobs on a shared machine lands on all of them alike.
@@ -39,7 +42,7 @@ from jobs.train.config import PretrainConfig  # noqa: E402
 from model import ModelConfig  # noqa: E402
 from train_step import peak_flops  # noqa: E402
 
-CPU_MODES = ("single", "zero0", "zero3", "pp")
+CPU_MODES = ("single", "zero0", "zero3", "pp", "tp")
 
 
 def synthetic_batch(step: int, dp_rank: int, micro: int, micro_size: int, seq: int, vocab: int):
@@ -65,15 +68,16 @@ def worker(config: dict) -> None:
     torch.set_num_threads(cfg.cpus_per_worker)
     G, mb = cfg.global_batch_size, cfg.micro_batch_size
 
-    def zero_engine(stage: int):
+    def zero_engine(stage: int, tensor_parallel: int = 1):
         torch.manual_seed(cfg.seed)
         model = GPT(mcfg)
-        engine = build_engine(cfg.model_copy(update={"zero_stage": stage}), model,
-                              model.optim_groups(cfg.weight_decay), dist.get_world_size())
+        run_cfg = cfg.model_copy(update={"zero_stage": stage, "tensor_parallel": tensor_parallel})
+        engine = build_engine(run_cfg, model, model.optim_groups(cfg.weight_decay), dist.get_world_size())
+        replica = rank // tensor_parallel  # the tensor-parallel ranks of a replica read the same rows
 
         def step(s: int) -> None:
-            for m in range(cfg.grad_accum):
-                x, y = synthetic_batch(s, rank, m, mb, seq, mcfg.vocab_size)
+            for m in range(run_cfg.grad_accum_for(dist.get_world_size())):
+                x, y = synthetic_batch(s, replica, m, mb, seq, mcfg.vocab_size)
                 _, loss = engine(x.to(device), y.to(device))
                 engine.backward(loss)
                 engine.step()
@@ -107,8 +111,11 @@ def worker(config: dict) -> None:
             pipeline_train_step(engine, batches)
         return step
 
-    build = {"single": single_engine, "zero0": lambda: zero_engine(0), "zero3": lambda: zero_engine(3), "pp": pp_engine}
-    runners = {mode: build[mode]() for mode in modes}
+    build = {"single": single_engine, "zero0": lambda: zero_engine(0), "zero3": lambda: zero_engine(3), "pp": pp_engine,
+             "tp": lambda: zero_engine(0, tensor_parallel=2)}
+    # tp last: its engine points DeepSpeed's process-global groups at its (data, tensor) mesh, which
+    # the engines built before it have already captured theirs from
+    runners = {mode: build[mode]() for mode in sorted(modes, key=lambda mode: mode == "tp")}
 
     def sync():
         if device.type == "cuda":

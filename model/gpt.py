@@ -114,9 +114,11 @@ class Attention(nn.Module):
         """mask (B, 1, T, S) bool, True where a query may attend to a key; None means causal."""
         B, T, _ = x.shape
         cfg = self.cfg
-        q = self.wq(x).view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = self.wk(x).view(B, T, cfg.kv_heads, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
-        v = self.wv(x).view(B, T, cfg.kv_heads, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        # Head counts come from the projections, not the config: under tensor parallelism wq/wk/wv
+        # are column slices and this rank holds H/tp query and Hkv/tp kv heads of them.
+        q = self.wq(x).view(B, T, -1, cfg.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.wk(x).view(B, T, -1, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = self.wv(x).view(B, T, -1, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
@@ -128,9 +130,9 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None,
             dropout_p=cfg.dropout if self.training else 0.0,
-            enable_gqa=cfg.kv_heads != cfg.n_heads,
+            enable_gqa=q.size(1) != k.size(1),
         )  # (B, H, T, hd)
-        y = y.transpose(1, 2).reshape(B, T, cfg.n_heads * cfg.head_dim)
+        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H * hd)
         return self.wo(y)
 
 

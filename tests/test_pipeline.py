@@ -185,7 +185,7 @@ def test_consolidated_weights_reproduce_pipeline_eval_loss(pp_run, name):
 @pytest.mark.parametrize("kwargs, field", [
     ({"zero_stage": 2}, "zero_stage"),
     ({"zero_stage": 3}, "zero_stage"),
-    ({"n_layers": 5}, "model.n_layers"),
+    ({"n_layers": 1}, "model.n_layers"),  # fewer blocks than stages (5 on 2 stages is fine: 3 + 2)
     ({"num_workers": 3}, "num_workers"),
     ({"global_batch_size": 12, "micro_batch_size": 4, "num_workers": 4}, "global_batch_size"),
     ({"pipeline_stages": 0}, "pipeline_stages"),
@@ -199,6 +199,7 @@ def test_validate_rejects_invalid_combinations(kwargs, field):
     ok = {"pipeline_stages": 2, "zero_stage": 1, "n_layers": 4, "num_workers": 2, "global_batch_size": 8,
           "micro_batch_size": 2}
     config(**ok)  # the valid baseline
+    config(**{**ok, "n_layers": 5})  # uneven stages: DeepSpeed's balanced partition gives 3 + 2 blocks
     config(**{**ok, "pipeline_stages": 1, "zero_stage": 3})  # ZeRO-3 alone is fine
     config(**{**ok, "global_batch_size": 12, "micro_batch_size": 4, "num_workers": 6, "pipeline_stages": 2})
     with pytest.raises(ValueError, match=rf"{field}"):

@@ -118,8 +118,8 @@ def test_prepare_pretrain_generate_end_to_end(tiny_run):
     # the live engine ran the configured layout: 2 data-parallel ZeRO-3 workers, 2 micro-batches each
     start = json.loads((root / "run" / "events.jsonl").read_text().splitlines()[0])
     assert start["world_size"] == 2 and start["step"] == 0 and start["resumed_from"] is None
-    assert start["engine"] == {"zero_stage": 3, "data_parallel_size": 2, "gradient_accumulation_steps": 2,
-                               "micro_batch_size": 4, "bf16": False}
+    assert start["engine"] == {"zero_stage": 3, "data_parallel_size": 2, "tensor_parallel_size": 1,
+                               "gradient_accumulation_steps": 2, "micro_batch_size": 4, "bf16": False}
 
     samples = generate(GenerateConfig(run=str(root / "run"), prompts=["MACBETH:\n"], max_new_tokens=30, seed=1))
     again = generate(GenerateConfig(run=str(root / "run"), prompts=["MACBETH:\n"], max_new_tokens=30, seed=1))
@@ -164,7 +164,7 @@ def test_plan_refuses_a_run_that_does_not_fit(tmp_path):
 
 @pytest.mark.parametrize("overrides, field", [
     ({"pipeline_stages": 2, "zero_stage": 3}, "zero_stage"),
-    ({"pipeline_stages": 2, "zero_stage": 1, "model": {"preset": "tiny", "n_layers": 3}}, "n_layers"),
+    ({"pipeline_stages": 2, "zero_stage": 1, "model": {"preset": "tiny", "n_layers": 1}}, "n_layers"),
     ({"pipeline_stages": 2, "zero_stage": 1, "num_workers": 3, "global_batch_size": 24}, "pipeline_stages"),
     ({"num_workers": [1, 3], "global_batch_size": 16, "micro_batch_size": 4}, r"global_batch_size \(16\).*4 \* 3"),
     ({"num_workers": [2, 1]}, "num_workers"),
@@ -218,8 +218,8 @@ def test_demo_config_runs_as_configured(tiny_run, tmp_path):
     assert summary["steps"] == 4 and math.isfinite(summary["val_loss"])
     (start,) = starts(tmp_path / "demo")
     assert start["world_size"] == 2
-    assert start["engine"] == {"zero_stage": 3, "data_parallel_size": 2, "gradient_accumulation_steps": 2,
-                               "micro_batch_size": 8, "bf16": False}
+    assert start["engine"] == {"zero_stage": 3, "data_parallel_size": 2, "tensor_parallel_size": 1,
+                               "gradient_accumulation_steps": 2, "micro_batch_size": 8, "bf16": False}
 
 
 @pytest.mark.slow

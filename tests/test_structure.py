@@ -135,6 +135,9 @@ def test_presets_ship_inside_the_package(tmp_path):
     code = (f"import sys; sys.path.insert(0, {str(tmp_path / 'site')!r})\n"
             "import model.config as c\n"
             "assert c.__file__.startswith(sys.path[0]), c.__file__\n"
+            "from importlib import resources\n"
+            "g = resources.files('jobs.train').joinpath('gpus.yaml')  # the planner's GPU figures\n"
+            "assert str(g).startswith(sys.path[0]) and g.is_file(), g\n"
             "print(c.ModelConfig(preset='tiny').num_params(), c.preset_names())")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]

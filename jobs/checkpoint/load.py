@@ -257,15 +257,16 @@ def weights_only_loads() -> Iterator[None]:
         torch.load = original
 
 
-def restore_engine(engine, ckpt: Path, world: int, scratch: Path) -> None:
+def restore_engine(engine, ckpt: Path, world: int, scratch: Path, tensor_parallel: int = 1) -> None:
     """Load a verified checkpoint's DeepSpeed state (weights, optimizer, schedule) into `engine`.
 
-    A checkpoint written by another number of workers goes through DeepSpeed's universal format,
-    which any world size can load (ZeRO partitions are cut per rank).
+    A checkpoint written by another number of workers or at another tensor-parallel degree goes
+    through DeepSpeed's universal format, which any layout can load (ZeRO partitions and AutoTP
+    shards are cut per rank from whole tensors).
     """
     state = read_train_state(ckpt)
     ds_dir = ckpt / DEEPSPEED
-    if state["world_size"] != world:
+    if state["world_size"] != world or state.get("tensor_parallel", 1) != tensor_parallel:
         ds_dir = to_universal(ds_dir, scratch / "universal")
     with weights_only_loads():
         engine.load_checkpoint(str(ds_dir), tag=DEEPSPEED_TAG)

@@ -16,12 +16,14 @@ from jobs.checkpoint.layout import (DEEPSPEED, DEEPSPEED_TAG, METRICS, TOKENIZER
 
 
 def gather_weights(engine, tied: bool) -> dict[str, torch.Tensor] | None:
-    """Consolidated fp32 weights of a DeepSpeed engine on rank 0 (None elsewhere). Collective
-    under ZeRO-3. With tied embeddings lm_head.weight is left out (it is tok_emb.weight)."""
+    """Consolidated fp32 weights of a DeepSpeed engine on rank 0 (None elsewhere), in the key
+    names and shapes of the unsplit model whatever the engine's layout. Collective under ZeRO-3
+    and tensor parallelism (DeepSpeed gathers the ZeRO partitions and the AutoTP shards, one
+    layer at a time). With tied embeddings lm_head.weight is left out (it is tok_emb.weight)."""
     import torch.distributed as dist
 
-    if engine.zero_optimization_stage() == 3:
-        sd = engine._zero3_consolidated_16bit_state_dict()
+    if engine.zero_optimization_stage() == 3 or engine.autotp_size() > 1:
+        sd = engine._consolidated_16bit_state_dict()  # fp32 in fp32 runs, despite the name
     else:
         sd = engine.module.state_dict()
     if dist.get_rank() != 0:
@@ -44,12 +46,14 @@ def rng_state() -> dict:
 
 
 def write_checkpoint(d: Path, *, engine, rank: int, world: int, step: int, tensors: dict[str, dict] | None,
-                     train_state: dict | None, tokenizer_json: str | None, history: list[dict] | None) -> None:
+                     train_state: dict | None, tokenizer_json: str | None, history: list[dict] | None,
+                     tensor_parallel: int = 1) -> None:
     """Write one checkpoint into the local directory `d`, on every rank of the group (collective).
 
     Each rank writes its DeepSpeed shards and its RNG state; rank 0 also writes `tensors` (file
-    name -> state dict, e.g. {"model.safetensors": weights}), the train state, the tokenizer and
-    the metric history. Each rank's manifest comes last.
+    name -> state dict, e.g. {"model.safetensors": weights}), the train state (with the world
+    size and tensor-parallel degree the shards were cut for), the tokenizer and the metric
+    history. Each rank's manifest comes last.
     """
     from safetensors.torch import save_file
 
@@ -58,7 +62,8 @@ def write_checkpoint(d: Path, *, engine, rank: int, world: int, step: int, tenso
     if rank == 0:
         for name, sd in (tensors or {}).items():
             save_file(sd, str(d / name))
-        (d / TRAIN_STATE).write_text(json.dumps({"step": step, "world_size": world, **(train_state or {})}, indent=2))
+        (d / TRAIN_STATE).write_text(json.dumps({"step": step, "world_size": world, "tensor_parallel": tensor_parallel,
+                                                    **(train_state or {})}, indent=2))
         if tokenizer_json is not None:
             (d / TOKENIZER).write_text(tokenizer_json)
         (d / METRICS).write_text("".join(json.dumps(h) + "\n" for h in history or []))

@@ -113,7 +113,14 @@ class PretrainConfig(TrainConfig):
     model: ModelConfig = Field(default_factory=lambda: ModelConfig(preset="tiny"))
     """Architecture, e.g. `{preset: tiny}` plus overrides. vocab_size always comes from the tokenizer."""
     pipeline_stages: int = Field(1, ge=1)
-    """Pipeline-parallel stages (DeepSpeed PipelineModule); data parallelism runs across pipelines."""
+    """Pipeline-parallel stages (DeepSpeed PipelineModule); data parallelism runs across pipelines.
+    Stages hold n_layers / pipeline_stages blocks, the first ones one more when that is uneven."""
+    tensor_parallel: int = Field(1, ge=1)
+    """Tensor-parallel degree (DeepSpeed AutoTP, the Megatron split): every block's attention heads
+    and MLP hidden units are divided over this many workers, which read the same micro-batches;
+    the embedding, norms and output head stay whole on each. num_workers = tensor_parallel x
+    pipeline_stages x data-parallel replicas. On GPUs a tensor-parallel group must sit on one node
+    (checked at start-up), so make it divide the GPUs per node."""
     offload_optimizer: bool = False
     """ZeRO-3 only: keep optimizer state in CPU memory (frees GPU memory, costs PCIe traffic)."""
     init_from: str | None = None
@@ -124,11 +131,15 @@ class PretrainConfig(TrainConfig):
     eval_batches: int = Field(4, ge=1)
     """Global batches of validation data per evaluation."""
 
-    model_parallel_field: ClassVar[str] = "pipeline_stages"
+    @property
+    def model_parallel_field(self) -> str:  # type: ignore[override]
+        if self.tensor_parallel > 1:
+            return "tensor_parallel * pipeline_stages" if self.pipeline_stages > 1 else "tensor_parallel"
+        return "pipeline_stages"
 
     @property
     def model_parallel_size(self) -> int:
-        return self.pipeline_stages
+        return self.tensor_parallel * self.pipeline_stages
 
     @model_validator(mode="after")
     def _check_parallel(self):
@@ -138,9 +149,9 @@ class PretrainConfig(TrainConfig):
             # pipeline schedule reduces itself.
             raise ValueError(f"zero_stage ({self.zero_stage}) must be 0 or 1 with pipeline_stages > 1: "
                              f"DeepSpeed does not combine ZeRO-2/3 with pipeline parallelism")
-        if self.model.n_layers % self.pipeline_stages:
-            raise ValueError(f"model.n_layers ({self.model.n_layers}) must be divisible by pipeline_stages "
-                             f"({self.pipeline_stages})")
+        if self.pipeline_stages > 1 and self.model.n_layers < self.pipeline_stages:
+            raise ValueError(f"model.n_layers ({self.model.n_layers}) must be at least pipeline_stages "
+                             f"({self.pipeline_stages}): every stage holds one block or more")
         if self.pipeline_stages > 1 and lo != hi:
             raise ValueError("num_workers: elastic ranges are supported with data parallelism only "
                              "(pipeline_stages = 1)")
@@ -149,7 +160,25 @@ class PretrainConfig(TrainConfig):
                              "from a checkpoint of its own or train data-parallel")
         if self.offload_optimizer and self.zero_stage != 3:
             raise ValueError("offload_optimizer needs zero_stage 3")
+        if self.tensor_parallel > 1:
+            self._check_tensor_parallel()
         return self
+
+    def _check_tensor_parallel(self) -> None:
+        t, m = self.tensor_parallel, self.model
+        # AutoTP cuts wq/wk/wv and the MLP's gate/up by output rows, wo/down by input columns, in
+        # equal parts: a degree that does not divide them would split a head or leave a rank
+        # without a kv head.
+        for field, value in (("model.n_heads", m.n_heads), ("model.n_kv_heads", m.kv_heads), ("model.d_ff", m.ff_dim)):
+            if value % t:
+                raise ValueError(f"tensor_parallel ({t}) must divide {field} ({value}): each tensor-parallel "
+                                 f"worker holds an equal share of the heads and of the MLP width")
+        if m.dropout:
+            # Every TP rank draws the same dropout masks (same seed): right for the residual branch,
+            # wrong inside attention, where each rank's head group would repeat the others' masks.
+            raise ValueError(f"model.dropout ({m.dropout}) must be 0 with tensor_parallel > 1")
+        if self.offload_optimizer:
+            raise ValueError("offload_optimizer is not supported with tensor_parallel > 1 (not tested together)")
 
 
 # ----------------------------------------------------------------------------- sweeps

@@ -3,7 +3,13 @@
 `train_loop_per_worker` reads top to bottom: `setup` (model, engine, resume, data), then
 `train_step`, `evaluate`, `step_record` and `save` until max_steps. Ray initialises
 torch.distributed (gloo on CPU, NCCL on GPU); the engine factory wraps the model with the
-configured ZeRO stage, or `jobs.train.pipeline` cuts it into pipeline stages.
+configured ZeRO stage and tensor parallelism, or `jobs.train.pipeline` cuts it into pipeline
+stages.
+
+Ranks, tensor parallelism innermost (DeepSpeed's layout; Ray Train numbers the workers of a node
+consecutively): rank r is tensor-parallel rank r % tp of data-parallel replica r // tp, or with
+pipeline stages, replica (r // tp) % replicas of stage r // (tp * replicas). The tp workers of a
+replica read the same micro-batches.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import torch
 
 from cluster import storage
 from jobs.checkpoint.layout import WEIGHTS, latest_checkpoint, prune_checkpoints
-from jobs.checkpoint.load import load_into, load_state_dict, read_history, resolve_source
+from jobs.checkpoint.load import load_into, load_state_dict, read_history, read_train_state, resolve_source
 from jobs.checkpoint.save import gather_weights
 from jobs.data.shards import ShardLoader, load_manifest
 from jobs.train import pipeline
@@ -92,6 +98,39 @@ class Run:
     def pipelined(self) -> bool:
         return self.cfg.pipeline_stages > 1
 
+    @property
+    def data_parallel(self) -> tuple[int, int]:
+        """(this worker's data-parallel replica, replicas): the rows of the global batch it reads."""
+        if self.pipelined:
+            return self.engine.grid.data_parallel_id, self.engine.grid.data_parallel_size
+        t = self.cfg.tensor_parallel
+        return self.w.rank // t, self.w.world // t
+
+
+def check_tensor_parallel_placement(nodes: list, tensor_parallel: int) -> None:
+    """Refuse a layout whose tensor-parallel groups span nodes. `nodes[r]` is the node of rank r;
+    a group is `tensor_parallel` consecutive ranks. TP all-reduces twice per block, forward and
+    backward, sized like the activations: meant for NVLink, not the network between nodes."""
+    for start in range(0, len(nodes), tensor_parallel):
+        group = nodes[start:start + tensor_parallel]
+        if len(set(group)) > 1:
+            raise ValueError(
+                f"tensor_parallel ({tensor_parallel}): workers {start}..{start + tensor_parallel - 1} form one "
+                f"tensor-parallel group but run on {len(set(group))} nodes; give every node a multiple of "
+                f"tensor_parallel workers (tensor_parallel must divide the GPUs per node)")
+
+
+def placed_tensor_parallel(cfg: PretrainConfig) -> None:
+    """Every worker's node, gathered (collective); `check_tensor_parallel_placement` on them."""
+    import ray
+    import torch.distributed as dist
+
+    if cfg.tensor_parallel == 1:
+        return
+    nodes = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+    check_tensor_parallel_placement(nodes, cfg.tensor_parallel)
+
 
 def build_engine_for(cfg: PretrainConfig, mcfg: ModelConfig, w: Worker):
     """The DeepSpeed engine of this worker: pipeline stages, or the whole GPT under ZeRO.
@@ -110,10 +149,31 @@ def build_engine_for(cfg: PretrainConfig, mcfg: ModelConfig, w: Worker):
     return build_engine(cfg, model, model.optim_groups(cfg.weight_decay), w.world, load_universal=w.resharded)
 
 
+def check_resume_layout(cfg: PretrainConfig, w: Worker) -> None:
+    """Refuse, naming the field, a resume at another tensor-parallel degree that DeepSpeed's
+    universal checkpoint cannot do: from ZeRO-0 shards (the converter reads the optimizer
+    partitions of ZeRO 1-3) or through pipeline stages (raylm attaches no universal-checkpoint
+    map to a sharded pipeline)."""
+    if w.resume_dir is None or w.resume_tensor_parallel == cfg.tensor_parallel:
+        return
+    wrote = read_train_state(w.resume_dir)["config"]
+    change = (f"tensor_parallel: {w.resumed_from} was written at tensor_parallel={w.resume_tensor_parallel}, "
+              f"this run has {cfg.tensor_parallel}")
+    if cfg.pipeline_stages > 1 or wrote.get("pipeline_stages", 1) > 1:
+        raise ValueError(f"{change}; with pipeline_stages a run resumes only at the tensor_parallel it was "
+                         "written at (start a new run with init_from the checkpoint instead)")
+    if wrote.get("zero_stage") == 0:
+        raise ValueError(f"{change}; changing it goes through DeepSpeed's universal checkpoint, which needs "
+                         "ZeRO stage 1-3 shards, and this checkpoint has ZeRO-0's (start a new run with init_from "
+                         "the checkpoint instead)")
+
+
 def setup(config: dict) -> Run:
     cfg = PretrainConfig.model_validate(config["cfg"])
     mcfg = ModelConfig.model_validate(config["model"])
-    w = start_worker(cfg)
+    w = start_worker(cfg, cfg.tensor_parallel)
+    placed_tensor_parallel(cfg)
+    check_resume_layout(cfg, w)
     engine = build_engine_for(cfg, mcfg, w)
     resume(engine, w, cfg.seed)
     record_start(cfg.output, w, engine)
@@ -136,18 +196,38 @@ def train_step(run: Run) -> tuple[float, float]:
     # plain fp32 one (ZeRO-0 on CPU), whose gradients are whole on every rank: measure it here.
     own_grad_norm = cfg.zero_stage == 0 and not use_bf16(cfg)
     grad_accum = cfg.grad_accum_for(w.world)
+    dp_rank, dp = run.data_parallel
     loss_sum, grad_norm = 0.0, 0.0
     for m in range(grad_accum):
-        x, y = run.train.micro_batch(w.step, cfg.global_batch_size, w.rank, w.world, m, cfg.micro_batch_size)
+        x, y = run.train.micro_batch(w.step, cfg.global_batch_size, dp_rank, dp, m, cfg.micro_batch_size)
         _, loss = engine(x.to(w.device), y.to(w.device))
         engine.backward(loss)
         if own_grad_norm and m == grad_accum - 1:  # the boundary: gradients are all-reduced, not yet clipped
-            grad_norm = float(torch.nn.utils.get_total_norm(
-                [p.grad for p in engine.module.parameters() if p.grad is not None]))
+            grad_norm = whole_grad_norm(engine, cfg.tensor_parallel)
         engine.step()
         loss_sum += float(loss.detach())
+    # the tp workers of a replica computed the same losses: the mean over all workers is the same
     total = all_reduce_sum([loss_sum])[0] / (w.world * grad_accum)
     return total, grad_norm if own_grad_norm else float(engine.get_global_grad_norm() or 0.0)
+
+
+def whole_grad_norm(engine, tensor_parallel: int) -> float:
+    """The global gradient norm of a ZeRO-0 engine's whole gradients. Under tensor parallelism a
+    rank holds a slice of each split weight's gradient (their squares add up over the TP group)
+    and a whole copy of every other one (counted on TP rank 0 only)."""
+    grads = [p for p in engine.module.parameters() if p.grad is not None]
+    if tensor_parallel == 1:
+        return float(torch.nn.utils.get_total_norm([p.grad for p in grads]))
+    import torch.distributed as dist
+    from deepspeed.utils import groups
+
+    first = groups.get_tensor_model_parallel_rank() == 0
+    counted = [p.grad for p in grads if first or getattr(p, "tensor_model_parallel", False)]
+    square = torch.zeros((), dtype=torch.float64)
+    for g in counted:
+        square += g.detach().double().pow(2).sum()
+    dist.all_reduce(square, group=groups.get_tensor_model_parallel_group())
+    return float(square.sqrt())
 
 
 def evaluate(run: Run) -> float:
@@ -158,16 +238,17 @@ def evaluate(run: Run) -> float:
                                            cfg.micro_batch_size)
     engine.eval()
     total = [0.0, 0.0]
-    per_rank = cfg.global_batch_size // w.world
+    dp_rank, dp = run.data_parallel
+    per_rank = cfg.global_batch_size // dp
     with torch.no_grad():
         for b in range(cfg.eval_batches):
             for m in range(0, per_rank, cfg.micro_batch_size):
-                rows = run.val.rows(b * cfg.global_batch_size + w.rank * per_rank + m, cfg.micro_batch_size,
+                rows = run.val.rows(b * cfg.global_batch_size + dp_rank * per_rank + m, cfg.micro_batch_size,
                                     shuffle=False)
                 _, loss = engine(rows[:, :-1].to(w.device), rows[:, 1:].to(w.device))
                 total = [total[0] + loss.item() * rows.size(0), total[1] + rows.size(0)]
     engine.train()
-    loss_sum, n = all_reduce_sum(total)
+    loss_sum, n = all_reduce_sum(total)  # tp copies of each replica's rows: numerator and count alike
     return loss_sum / n
 
 

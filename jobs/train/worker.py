@@ -39,14 +39,18 @@ class Worker:
     resumed_from: str | None = None
     resume_dir: Path | None = None
     resume_world: int | None = None
+    tensor_parallel: int = 1
+    resume_tensor_parallel: int | None = None
 
     @property
     def resharded(self) -> bool:
-        """The checkpoint being resumed was written by another number of workers."""
-        return self.resume_world is not None and self.resume_world != self.world
+        """The checkpoint being resumed was written by another number of workers or at another
+        tensor-parallel degree."""
+        return self.resume_world is not None and (self.resume_world != self.world
+                                                  or self.resume_tensor_parallel != self.tensor_parallel)
 
 
-def start_worker(cfg: TrainConfig) -> Worker:
+def start_worker(cfg: TrainConfig, tensor_parallel: int = 1) -> Worker:
     """This worker's rank, world size, device and scratch directory, and the checkpoint it will
     resume from (the run's newest complete one, whoever wrote it: a restarted worker group after
     a failure, or a new job on the same output directory). Call before building the engine: a
@@ -56,11 +60,12 @@ def start_worker(cfg: TrainConfig) -> Worker:
     ctx = ray.train.get_context()
     torch.set_num_threads(cfg.cpus_per_worker)
     w = Worker(rank=ctx.get_world_rank(), world=ctx.get_world_size(), device=ray.train.torch.get_device(),
-               scratch=Path(tempfile.mkdtemp(prefix="raylm-worker-")))
+               scratch=Path(tempfile.mkdtemp(prefix="raylm-worker-")), tensor_parallel=tensor_parallel)
     ckpt = find_resume_checkpoint(cfg.output)
     if ckpt:
         w.resume_dir, _, w.resumed_from = resolve_source(ckpt)
-        w.resume_world = read_train_state(w.resume_dir)["world_size"]
+        state = read_train_state(w.resume_dir)
+        w.resume_world, w.resume_tensor_parallel = state["world_size"], state.get("tensor_parallel", 1)
     return w
 
 
@@ -72,9 +77,9 @@ def resume(engine, w: Worker, seed: int) -> None:
 
     if w.resume_dir is not None:
         if w.resharded:
-            print(f"rank {w.rank}: resharding checkpoint {w.resumed_from} from {w.resume_world} to {w.world} "
-                  f"workers", flush=True)
-        restore_engine(engine, w.resume_dir, w.world, w.scratch)
+            print(f"rank {w.rank}: resharding checkpoint {w.resumed_from} from {w.resume_world} workers at "
+                  f"tensor_parallel={w.resume_tensor_parallel} to {w.world} at {w.tensor_parallel}", flush=True)
+        restore_engine(engine, w.resume_dir, w.world, w.scratch, w.tensor_parallel)
         w.step = read_train_state(w.resume_dir)["step"]
         if not w.resharded:  # another world size draws other random numbers per rank anyway
             set_rng_state(w.resume_dir, w.rank)
@@ -99,10 +104,18 @@ def record_start(output: str, w: Worker, engine) -> None:
              "world_size": w.world, "step": w.step, "resumed_from": w.resumed_from,
              "engine": {"zero_stage": int(engine.zero_optimization_stage()),
                         "data_parallel_size": int(engine.dp_world_size),
+                        "tensor_parallel_size": tensor_parallel_size(engine),
                         "gradient_accumulation_steps": int(engine.gradient_accumulation_steps()),
                         "micro_batch_size": int(engine.train_micro_batch_size_per_gpu()),
                         "bf16": bool(engine.bfloat16_enabled())}}
     storage.write_text(uri, prior + json.dumps(event) + "\n")
+
+
+def tensor_parallel_size(engine) -> int:
+    """The tensor-parallel degree the live engine runs, from its process groups: DeepSpeed's
+    (data, tensor) mesh under AutoTP, the pipeline grid's model axis, or none (1)."""
+    mpu = engine.mpu
+    return int(mpu.get_tensor_model_parallel_world_size()) if mpu is not None else 1
 
 
 def read_events(output: str) -> list[dict]:
@@ -117,7 +130,8 @@ def save_and_report(engine, w: Worker, metrics: dict, tensors: dict | None, trai
 
     with tempfile.TemporaryDirectory(dir=w.scratch) as tmp:
         write_checkpoint(Path(tmp), engine=engine, rank=w.rank, world=w.world, step=w.step, tensors=tensors,
-                         train_state=train_state, tokenizer_json=tokenizer_json, history=w.history)
+                         train_state=train_state, tokenizer_json=tokenizer_json, history=w.history,
+                         tensor_parallel=w.tensor_parallel)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=checkpoint_name(w.step))
 
