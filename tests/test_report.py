@@ -34,7 +34,8 @@ pytestmark = pytest.mark.slow  # the session's base model: a real prepare and Ra
 @pytest.fixture(scope="module")
 def pipeline(tiny_chat_base, tmp_path_factory) -> Path:
     """A pipeline root: data/ and pretrain/ (copies of the session's), sft/, eval/, samples.jsonl, tune/."""
-    from jobs.evaluate import EvaluateConfig, TaskSpec
+    from jobs.evaluate import EvaluateConfig
+    from jobs.infer.config import TaskSpec
     from jobs.evaluate import run as evaluate
     from jobs.generate import GenerateConfig
     from jobs.generate import run as generate

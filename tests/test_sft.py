@@ -83,7 +83,8 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
 
 @pytest.mark.slow
 def test_sft_then_evaluate_end_to_end(tiny_chat_base, tmp_path):
-    from jobs.evaluate import EvaluateConfig, TaskSpec
+    from jobs.evaluate import EvaluateConfig
+    from jobs.infer.config import TaskSpec
     from jobs.evaluate import run as evaluate
     from jobs.generate import GenerateConfig
     from jobs.infer.generate import generate_file
