@@ -248,3 +248,14 @@ def test_every_job_refuses_a_corrupt_checkpoint_before_using_it(run_dir, tmp_pat
                                               rf"model\.safetensors"):
         job_runs(str(ck), tmp_path)[kind]()
     assert not [f for f in read if str(ck) in f]  # no weights of the corrupt checkpoint were read
+
+
+def test_a_torn_checkpoint_is_cleared_before_its_step_is_written_again(run_dir, tmp_path):
+    from jobs.checkpoint.layout import remove_torn_checkpoint
+
+    run = copy(run_dir[0], tmp_path)
+    flip_byte(run / checkpoint_name(4) / WEIGHTS)
+    assert not remove_torn_checkpoint(str(run), 2)  # complete: kept
+    assert remove_torn_checkpoint(str(run), 4) and not (run / checkpoint_name(4)).exists()
+    assert not remove_torn_checkpoint(str(run), 6)  # not there
+    assert latest_checkpoint(str(run)).endswith(checkpoint_name(2))

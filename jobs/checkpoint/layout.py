@@ -154,3 +154,16 @@ def prune_checkpoints(run_dir: str, keep: int) -> list[str]:
             deleted.append(ck)
     return deleted
 
+
+def remove_torn_checkpoint(run_dir: str, step: int) -> bool:
+    """Delete `checkpoint_<step>/` of a run if it is there and does not verify; True if it was.
+
+    Called before a checkpoint of that step is written again: a run that resumed from an earlier
+    checkpoint because this one was torn rewrites the step into the same directory name."""
+    ck = storage.join(run_dir, checkpoint_name(step))
+    if not storage.exists(ck) or verify_checkpoint(ck) is None:
+        return False
+    fs, path = storage.resolve(ck)
+    fs.delete_dir(path)
+    return True
+

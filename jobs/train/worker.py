@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from cluster import storage
-from jobs.checkpoint.layout import checkpoint_name, find_resume_checkpoint
+from jobs.checkpoint.layout import checkpoint_name, find_resume_checkpoint, remove_torn_checkpoint
 from jobs.checkpoint.load import read_history, read_train_state, resolve_source, restore_engine, set_rng_state
 from jobs.checkpoint.save import write_checkpoint
 from jobs.train.config import TrainConfig
@@ -34,6 +34,7 @@ class Worker:
     world: int
     device: torch.device
     scratch: Path
+    output: str
     step: int = 0
     history: list[dict] = field(default_factory=list)
     resumed_from: str | None = None
@@ -60,7 +61,8 @@ def start_worker(cfg: TrainConfig, tensor_parallel: int = 1) -> Worker:
     ctx = ray.train.get_context()
     torch.set_num_threads(cfg.cpus_per_worker)
     w = Worker(rank=ctx.get_world_rank(), world=ctx.get_world_size(), device=ray.train.torch.get_device(),
-               scratch=Path(tempfile.mkdtemp(prefix="raylm-worker-")), tensor_parallel=tensor_parallel)
+               scratch=Path(tempfile.mkdtemp(prefix="raylm-worker-")), output=cfg.output,
+               tensor_parallel=tensor_parallel)
     ckpt = find_resume_checkpoint(cfg.output)
     if ckpt:
         w.resume_dir, _, w.resumed_from = resolve_source(ckpt)
@@ -127,7 +129,13 @@ def save_and_report(engine, w: Worker, metrics: dict, tensors: dict | None, trai
                     tokenizer_json: str | None) -> None:
     """Write a checkpoint of step `w.step` on every rank and report it to Ray Train (collective)."""
     import ray.train
+    import torch.distributed as dist
 
+    if w.rank == 0:
+        # A torn checkpoint of this step from an earlier attempt (the one this run fell back from)
+        # would stay in the directory Ray uploads into, unlisted, and fail the new one's verification.
+        remove_torn_checkpoint(w.output, w.step)
+    dist.barrier()
     with tempfile.TemporaryDirectory(dir=w.scratch) as tmp:
         write_checkpoint(Path(tmp), engine=engine, rank=w.rank, world=w.world, step=w.step, tensors=tensors,
                          train_state=train_state, tokenizer_json=tokenizer_json, history=w.history,
