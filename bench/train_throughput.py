@@ -2,7 +2,7 @@
 tensor parallelism.
 
 Every mode trains the same model on the same global batch of random tokens (data loading is not
-what is measured) with the engine jobs.pretrain / jobs.pipeline build:
+what is measured) with the engines pretraining builds (jobs.train.engine, jobs.train.pipeline):
 
   single   plain torch on one process (rank 0, one worker's CPUs), AdamW, grad accumulation
   zero0    DeepSpeed ZeRO-0 (plain data parallel) on every worker, jobs.train.engine.build_engine

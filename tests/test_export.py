@@ -199,6 +199,14 @@ def test_load_pretrained_reads_checkpoints_runs_and_exports(tmp_path, tok):
     sd.pop("blocks.0.attn.wq.weight")
     with pytest.raises(ValueError, match=r"blocks\.0\.attn\.wq\.weight"):
         load_into(GPT(mcfg), sd, "ck")
+    # our exports carry each file's sha256: a flipped byte is refused, naming the file
+    info = json.loads((tmp_path / "hf" / "raylm_export.json").read_text())
+    assert set(info["files"]) >= {"model.safetensors", "config.json", "tokenizer.json"}
+    data = bytearray((tmp_path / "hf" / "model.safetensors").read_bytes())
+    data[-3] ^= 0xFF
+    (tmp_path / "hf" / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="checksum mismatch in model.safetensors"):
+        load_state_dict(str(tmp_path / "hf"))
 
 
 def test_from_hf_reads_directories_written_by_transformers(tmp_path):
