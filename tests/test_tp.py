@@ -376,7 +376,8 @@ def test_resume_at_another_tensor_parallel_degree_is_refused_where_it_cannot_wor
 
     (tmp_path / "train_state.json").write_text(json.dumps({"step": 10, "world_size": 2, "tensor_parallel": 2,
                                                            "model": {}, "config": wrote}))
-    w = Worker(rank=0, world=2, device=torch.device("cpu"), scratch=tmp_path, resumed_from="runs/x/checkpoint_0000010",
+    w = Worker(rank=0, world=2, device=torch.device("cpu"), scratch=tmp_path, output="runs/x",
+               resumed_from="runs/x/checkpoint_0000010",
                resume_dir=tmp_path, resume_world=2, tensor_parallel=1, resume_tensor_parallel=2)
     cfg = tp_config(tensor_parallel=1, zero_stage=1, **now)
     with pytest.raises(ValueError, match=rf"tensor_parallel: runs/x/checkpoint_0000010 was written at "
