@@ -126,6 +126,56 @@ def fluent_or_scrambled(next_line_file, n: int) -> list[dict]:
 # ----------------------------------------------------------------------------- control API
 
 
+def reference_training(cfg, mcfg, loader, steps: int):
+    """A run's training in one plain-PyTorch process: same init, rows, accumulation over the global
+    batch, optimizer, schedule and clipping. Returns the model after `steps` steps, the losses and
+    the gradient norms before clipping: what a distributed run must track."""
+    import torch
+
+    from jobs.train.schedule import lr_at
+    from model.gpt import GPT
+
+    torch.manual_seed(cfg.seed)
+    model = GPT(mcfg).train()
+    opt = torch.optim.AdamW(model.optim_groups(cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
+                            fused=False)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg) / cfg.lr)
+    accum = cfg.global_batch_size // cfg.micro_batch_size
+    losses, norms = [], []
+    for step in range(steps):
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for m in range(accum):
+            x, y = loader.micro_batch(step, cfg.global_batch_size, 0, 1, m, cfg.micro_batch_size)
+            _, loss = model(x, y)
+            (loss / accum).backward()
+            total += loss.item()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)))
+        opt.step()
+        sched.step()
+        losses.append(total / accum)
+    return model, losses, norms
+
+
+@pytest.fixture()
+def s3(monkeypatch):
+    """moto's S3 server on 127.0.0.1 with a bucket `raylm`, reached through the real boto3 and
+    pyarrow clients (the AWS_* variables point both at it)."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    (port,) = _free_ports(1)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
+                 "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}.items():
+        monkeypatch.setenv(k, v)
+    client = boto3.client("s3")
+    client.create_bucket(Bucket="raylm")
+    yield client
+    server.stop()
+
+
 def _free_ports(n: int) -> list[int]:
     socks = []
     for _ in range(n):

@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import reference_training
 from safetensors.torch import load_file
 
 from jobs.checkpoint.load import load_into
 from jobs.data.shards import ShardLoader
 from jobs.train.config import PretrainConfig
-from jobs.train.schedule import lr_at
 from model import GPT, ModelConfig
 
 SEQ = 32
@@ -109,31 +109,6 @@ def pp_run(ray_local, tmp_path_factory):
     return d, manifest
 
 
-def reference_run(mcfg: ModelConfig, loader: ShardLoader, steps: int) -> tuple[GPT, list[float]]:
-    """The same training on one process in plain torch: grad accumulation over the global batch."""
-    cfg = PretrainConfig(**CFG)
-    torch.manual_seed(cfg.seed)
-    model = GPT(mcfg).train()
-    opt = torch.optim.AdamW(model.optim_groups(cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                            eps=1e-8, fused=False)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg) / cfg.lr)
-    n_micro = cfg.global_batch_size // cfg.micro_batch_size
-    losses = []
-    for step in range(steps):
-        opt.zero_grad(set_to_none=True)
-        total = 0.0
-        for m in range(n_micro):
-            x, y = loader.micro_batch(step, cfg.global_batch_size, 0, 1, m, cfg.micro_batch_size)
-            _, loss = model(x, y)
-            (loss / n_micro).backward()
-            total += loss.item()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        sched.step()
-        losses.append(total / n_micro)
-    return model, losses
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(MODELS))
 def test_pipeline_tracks_single_process_run(pp_run, name):
@@ -142,7 +117,8 @@ def test_pipeline_tracks_single_process_run(pp_run, name):
     mcfg = ModelConfig(**model)
     got = json.loads((d / f"{name}.json").read_text())
     assert got["gas"] == 4  # global batch 8 = micro 2 * 4 micro-batches * 1 pipeline
-    ref_model, ref = reference_run(mcfg, ShardLoader(d, manifest, "train", CFG["seed"]), steps)
+    ref_model, ref, _ = reference_training(PretrainConfig(**CFG), mcfg, ShardLoader(d, manifest, "train", CFG["seed"]),
+                                           steps)
     assert ref[-1] < ref[0] - 0.05  # it learns: the comparison is not between two idle runs
     for step, (a, b) in enumerate(zip(got["losses"], ref, strict=True)):
         assert abs(a - b) <= 1e-5 * b, f"step {step + 1}: pipeline {a} vs single process {b}"

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import reference_training
 from safetensors.torch import load_file
 from safetensors.torch import save_file
 
@@ -185,26 +186,8 @@ def single_process_losses(root: Path, steps: int, cfg: PretrainConfig | None = N
 
     state = json.loads((Path(latest_checkpoint(str(root / "run"))) / "train_state.json").read_text())
     cfg = cfg or PretrainConfig.model_validate(state["config"])
-    torch.manual_seed(cfg.seed)
-    model = GPT(ModelConfig.model_validate(state["model"]))
-    opt = torch.optim.AdamW(model.optim_groups(cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg) / cfg.lr)
     loader = ShardLoader(root / "data", load_manifest(str(root / "data")), "train", cfg.seed)
-    accum = cfg.global_batch_size // cfg.micro_batch_size
-    losses = []
-    for step in range(steps):
-        total = 0.0
-        for m in range(accum):
-            x, y = loader.micro_batch(step, cfg.global_batch_size, 0, 1, m, cfg.micro_batch_size)
-            _, loss = model(x, y)
-            (loss / accum).backward()
-            total += loss.item()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad()
-        losses.append(total / accum)
-    return losses
+    return reference_training(cfg, ModelConfig.model_validate(state["model"]), loader, steps)[1]
 
 
 @pytest.mark.slow
@@ -381,30 +364,7 @@ def test_elastic_run_survives_node_removal(tiny_run, tmp_path):
     assert b[-1]["val_loss"] == pytest.approx(a[-1]["val_loss"], rel=1e-3)
 
 
-@pytest.fixture()
-def s3_server(monkeypatch):
-    """moto's standalone S3 server on 127.0.0.1, reached with the real boto3 and pyarrow clients."""
-    import socket
-
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
-                 "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}.items():
-        monkeypatch.setenv(k, v)
-    s3 = boto3.client("s3")
-    s3.create_bucket(Bucket="raylm")
-    yield s3
-    server.stop()
-
-
-@pytest.mark.slow
-def test_s3_data_and_checkpoints_and_init_from_an_export(tiny_run, tmp_path, s3_server):
+def test_s3_data_and_checkpoints_and_init_from_an_export(tiny_run, tmp_path, s3):
     """Shards read from S3, checkpoints written to S3, weights initialised from an HF export."""
     from cluster import storage
     from jobs.export import ExportConfig
@@ -419,7 +379,7 @@ def test_s3_data_and_checkpoints_and_init_from_an_export(tiny_run, tmp_path, s3_
         "num_workers": 1, "zero_stage": 0, "global_batch_size": 8, "micro_batch_size": 8, "max_steps": 4,
         "warmup_steps": 1, "lr": 1e-4, "eval_every": 4, "checkpoint_every": 2})
     summary = pretrain(cfg)
-    keys = {o["Key"] for o in s3_server.list_objects_v2(Bucket="raylm", Prefix="runs/cont/")["Contents"]}
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket="raylm", Prefix="runs/cont/")["Contents"]}
     assert {"runs/cont/metrics.jsonl", "runs/cont/loss.png", "runs/cont/checkpoint_0000004/model.safetensors",
             "runs/cont/checkpoint_0000004/MANIFEST.rank0.json"} <= keys
     assert summary["checkpoint"] == "s3://raylm/runs/cont/checkpoint_0000004"

@@ -423,28 +423,6 @@ def test_raylm_report_command_builds_a_local_path(pipeline, tmp_path):
     assert [a["attrs"]["data-path"] for a in page.find("article")] == ["."]  # the run itself is the root
 
 
-@pytest.fixture()
-def s3(monkeypatch):
-    """moto's S3 server on loopback, reached through the real pyarrow and boto3 clients."""
-    import socket
-
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
-                 "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}.items():
-        monkeypatch.setenv(k, v)
-    client = boto3.client("s3")
-    client.create_bucket(Bucket="raylm")
-    yield client
-    server.stop()
-
-
 def test_report_of_an_s3_prefix(pipeline, s3):
     from cluster import storage
     from jobs.report import write_report

@@ -28,14 +28,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import reference_training
 from safetensors.torch import load_file
 
 from jobs.checkpoint.layout import latest_checkpoint
 from jobs.checkpoint.load import load_model
 from jobs.data.shards import ShardLoader, load_manifest
 from jobs.train.config import PretrainConfig
-from jobs.train.schedule import lr_at
-from model import GPT, ModelConfig
+from model import GPT
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -85,31 +85,10 @@ def final_weights(run: Path) -> dict[str, torch.Tensor]:
 
 
 def reference(root: Path, cfg: PretrainConfig, steps: int) -> tuple[GPT, list[float], list[float]]:
-    """One plain-PyTorch process: same init, rows, optimizer, schedule and clipping.
-    Returns the model after `steps` steps, the losses and the gradient norms before clipping."""
+    """One plain-PyTorch process: the model after `steps` steps, the losses and the gradient norms."""
     manifest = load_manifest(str(root / "data"))
     mcfg = cfg.model.model_copy(update={"vocab_size": manifest["vocab_size"]})
-    torch.manual_seed(cfg.seed)
-    model = GPT(mcfg).train()
-    opt = torch.optim.AdamW(model.optim_groups(cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
-                            fused=False)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg) / cfg.lr)
-    loader = ShardLoader(root / "data", manifest, "train", cfg.seed)
-    accum = cfg.global_batch_size // cfg.micro_batch_size
-    losses, norms = [], []
-    for step in range(steps):
-        opt.zero_grad(set_to_none=True)
-        total = 0.0
-        for m in range(accum):
-            x, y = loader.micro_batch(step, cfg.global_batch_size, 0, 1, m, cfg.micro_batch_size)
-            _, loss = model(x, y)
-            (loss / accum).backward()
-            total += loss.item()
-        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)))
-        opt.step()
-        sched.step()
-        losses.append(total / accum)
-    return model, losses, norms
+    return reference_training(cfg, mcfg, ShardLoader(root / "data", manifest, "train", cfg.seed), steps)
 
 
 def assert_tracks(got: list[float], ref: list[float], what: str, rel: float = 1e-5) -> None:

@@ -81,22 +81,7 @@ def iter_chunks(uri: str) -> Iterator[bytes]:
 def _gzip_chunks(raw) -> Iterator[bytes]:
     # zlib directly rather than gzip.GzipFile, which raises on a cut stream without handing out
     # the data it decompressed from the same read; members are concatenated as gzip allows.
-    obj, in_member = zlib.decompressobj(wbits=31), False
-    while chunk := raw.read(1 << 16):
-        while chunk:
-            try:
-                out = obj.decompress(chunk)
-            except zlib.error as e:
-                raise EOFError(f"gzip: {e}") from e
-            in_member = True
-            if out:
-                yield out
-            if obj.eof:
-                chunk, obj, in_member = obj.unused_data, zlib.decompressobj(wbits=31), False
-            else:
-                chunk = b""
-    if in_member:
-        raise EOFError("gzip stream ended before the end of its last member")
+    yield from _members(raw, lambda: zlib.decompressobj(wbits=31), zlib.error, "gzip")
 
 
 def _zstd_chunks(raw) -> Iterator[bytes]:
@@ -104,23 +89,28 @@ def _zstd_chunks(raw) -> Iterator[bytes]:
     # frame by frame and check that the last one was complete.
     import zstandard
 
-    dctx = zstandard.ZstdDecompressor()
-    obj, in_frame = dctx.decompressobj(), False
+    yield from _members(raw, zstandard.ZstdDecompressor().decompressobj, zstandard.ZstdError, "zstd")
+
+
+def _members(raw, decompressor, error: type[Exception], codec: str) -> Iterator[bytes]:
+    """Decompress concatenated members (gzip) or frames (zstd) as they arrive; a corrupt stream,
+    or one cut inside its last member, raises EOFError after what came before it was yielded."""
+    obj, inside = decompressor(), False
     while chunk := raw.read(1 << 16):
         while chunk:
             try:
                 out = obj.decompress(chunk)
-            except zstandard.ZstdError as e:
-                raise EOFError(f"zstd: {e}") from e
-            in_frame = True
+            except error as e:
+                raise EOFError(f"{codec}: {e}") from e
+            inside = True
             if out:
                 yield out
             if obj.eof:
-                chunk, obj, in_frame = obj.unused_data, dctx.decompressobj(), False
+                chunk, obj, inside = obj.unused_data, decompressor(), False
             else:
                 chunk = b""
-    if in_frame:
-        raise EOFError("zstd stream ended inside a frame")
+    if inside:
+        raise EOFError(f"{codec} stream ended inside its last {'member' if codec == 'gzip' else 'frame'}")
 
 
 def read_all(uri: str, limit: int) -> tuple[bytes, Exception | None]:
