@@ -119,18 +119,24 @@ def text(driver, css: str) -> str:
     return driver.find_element(By.CSS_SELECTOR, css).text
 
 
-def shot(driver, name: str, element: str | None = None) -> None:
-    """docs/console-<name>.png when RAYLM_CONSOLE_SCREENSHOTS is set (palette PNG: small)."""
+def shot(driver, name: str, scroll_to: str | None = None) -> None:
+    """docs/console-<name>.png when RAYLM_CONSOLE_SCREENSHOTS is set: the page from its top (or
+    from `scroll_to`), up to 1500 px of it, as a 128-colour PNG (small)."""
     if not SHOTS:
         return
     from PIL import Image
 
     path = Path(SHOTS) / f"console-{name}.png"
-    if element:
-        driver.find_element(By.CSS_SELECTOR, element).screenshot(str(path))
+    height = driver.execute_script("return document.documentElement.scrollHeight")
+    driver.set_window_size(1200, min(max(height, 700), 1500) if not scroll_to else 1000)
+    if scroll_to:
+        driver.execute_script("document.querySelector(arguments[0]).scrollIntoView()", scroll_to)
     else:
-        driver.save_screenshot(str(path))
-    Image.open(path).convert("RGB").quantize(colors=64).save(path, optimize=True)
+        driver.execute_script("window.scrollTo(0, 0)")
+    time.sleep(0.5)
+    driver.save_screenshot(str(path))
+    driver.set_window_size(1200, 900)
+    Image.open(path).convert("RGB").quantize(colors=128).save(path, optimize=True)
 
 
 def test_csp_and_headers_on_every_page(api):
@@ -252,13 +258,11 @@ def test_console_end_to_end(api, workspace, browser):
     frame = d.find_element(By.ID, "report")
     assert frame.get_attribute("sandbox") == ""
     shot(d, "job")
+    shot(d, "report", "#h-report")
     d.switch_to.frame(frame)
     assert d.find_element(By.TAG_NAME, "h1").text == "raylm report"
     assert d.find_elements(By.CSS_SELECTOR, "svg")  # its charts
     assert d.execute_script("return window.origin") == "null"
-    if SHOTS:
-        d.save_screenshot(str(Path(SHOTS) / "console-report.png"))
-        shot(d, "report")
     d.switch_to.default_content()
 
     # --- the job list: filters, and it refreshes by itself
@@ -297,9 +301,45 @@ def test_console_end_to_end(api, workspace, browser):
     assert d.get_cookies() == []
     severe = [e for e in d.get_log("browser") if e["level"] == "SEVERE" and "Content Security Policy" in e["message"]]
     assert not severe, severe  # nothing of the console's own was blocked by its CSP
-    for s in ("STOPPED",):
-        assert alice.get(long.id).status == s
+    assert alice.get(long.id).status == "STOPPED"
+
+    # --- the report route: another tenant gets 404; a job without report.html gets one built
+    # from its files, served sandboxed
+    for path in ("report", "metrics"):
+        r = httpx.get(f"{url}/v1/jobs/{job_id}/{path}", headers={"Authorization": f"Bearer {tokens['bob']}"})
+        assert r.status_code == 404
+    (run / "report.html").unlink()
+    r = httpx.get(f"{url}/v1/jobs/{job_id}/report", headers={"Authorization": f"Bearer {tokens['alice']}"},
+                  timeout=120)
+    assert r.status_code == 200 and "<h1>raylm report</h1>" in r.text and "console-run" in r.text
+    assert r.headers["content-security-policy"].startswith("sandbox;") and "<script" not in r.text
     print(f"console end to end: {time.monotonic() - t0:.0f} s")
+
+
+def test_metric_series_thins_and_keeps_every_eval(tmp_path):
+    from service.records import metric_series
+
+    recs = [{"step": s, "loss": 10 / s, "lr": 1e-3, "phase": "warm"} for s in range(1, 5001)]
+    for r in recs[99::100]:
+        r["val_loss"] = r["loss"] + 0.1
+    recs[0]["loss"] = float("nan")
+    lines = [json.dumps(r) for r in recs]
+    lines.insert(5, "{not json")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    m = metric_series(str(tmp_path / "run"), [str(tmp_path)], 100)
+    assert m.total == 5000 and not m.truncated
+    steps = [r["step"] for r in m.records]
+    assert steps == sorted(steps) and steps[-1] == 5000 and steps[0] == 1
+    evals = [r for r in m.records if "val_loss" in r]
+    assert [r["step"] for r in evals] == list(range(100, 5001, 100))  # every evaluation kept
+    assert len(m.records) - len(evals) <= 100
+    assert all("phase" not in r for r in m.records) and not any(r.get("loss") != r.get("loss") for r in m.records)
+    assert m.records[0].keys() == {"step", "lr"}  # the NaN dropped, not the record
+    # a metrics.jsonl that is a link out of the output is not read
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "metrics.jsonl").symlink_to(tmp_path / "run" / "metrics.jsonl")
+    assert metric_series(str(tmp_path / "other"), [str(tmp_path / "other")], 100).records == []
 
 
 def json_spec(ws: Path) -> dict:

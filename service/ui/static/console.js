@@ -207,7 +207,11 @@
 
   const MAX_LOG_CHARS = 1 << 20;
 
+  // Ray colours its workers' prefixes; the page shows the text without the escape codes.
+  const ANSI = /\x1b\[[0-9;?]*[A-Za-z]/g;
+
   function setLog(text, append) {
+    text = text.replace(ANSI, "");
     const pre = $("#log");
     const atEnd = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
     let t = append ? pre.textContent + text : text;
@@ -316,13 +320,12 @@
     const summary = `Loss by step: ${series.map((s) => `${s.label} ${s.pts[s.pts.length - 1][1].toFixed(3)}`).join(", ")} at step ${last[0]}`;
     const g = svg("svg", { viewBox: `0 0 ${W} ${H}`, width: "100%", role: "img", "aria-label": summary, class: "chart" },
       svg("title", {}, summary));
-    for (let i = 0; i <= 4; i++) {
-      const y = y0 + ((y1 - y0) * i) / 4;
+    const yt = ticks(y0, y1, 5);
+    for (const y of yt.values) {
       g.append(svg("line", { x1: L, x2: W - R, y1: py(y), y2: py(y), class: "grid" }),
-        svg("text", { x: L - 6, y: py(y) + 4, "text-anchor": "end", class: "tick" }, y.toFixed(2)));
+        svg("text", { x: L - 6, y: py(y) + 4, "text-anchor": "end", class: "tick" }, y.toFixed(yt.decimals)));
     }
-    for (let i = 0; i <= 4; i++) {
-      const x = Math.round(x0 + ((x1 - x0) * i) / 4);
+    for (const x of ticks(x0, x1, 6, true).values) {
       g.append(svg("text", { x: px(x), y: H - B + 16, "text-anchor": "middle", class: "tick" }, String(x)));
     }
     g.append(svg("text", { x: (L + W - R) / 2, y: H - 4, "text-anchor": "middle", class: "axis" }, "step"));
@@ -334,6 +337,16 @@
     });
     box.replaceChildren(g);
     $("#loss-note").textContent = m.truncated ? "Only the newest records are drawn." : "";
+  }
+
+  // Round tick values (1, 2 or 5 times a power of ten) inside [lo, hi], about n of them.
+  function ticks(lo, hi, n, integers = false) {
+    const raw = (hi - lo) / n, mag = 10 ** Math.floor(Math.log10(raw));
+    let step = [1, 2, 5, 10].map((k) => k * mag).find((s) => s >= raw);
+    if (integers) step = Math.max(1, Math.round(step));
+    const values = [];
+    for (let v = Math.ceil(lo / step) * step; v <= hi + step * 1e-9; v += step) values.push(+v.toPrecision(12));
+    return { values, decimals: Math.max(0, -Math.floor(Math.log10(step))) };
   }
 
   // ------------------------------------------------------------------ submit
