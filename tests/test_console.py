@@ -224,6 +224,7 @@ def test_console_end_to_end(api, workspace, browser):
     wait(d, lambda d: text(d, "#job-status") in ("SUCCEEDED", "FAILED", "STOPPED"), timeout=600,
          what="job ended")
     assert text(d, "#job-status") == "SUCCEEDED", text(d, "#log")[-3000:]
+    assert d.find_elements(By.CSS_SELECTOR, "#job-status .status-succeeded")
     run = ws / "alice" / "console-run"
     metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     train_steps = [m["step"] for m in metrics if "loss" in m]
