@@ -158,7 +158,7 @@ def test_csp_and_headers_on_every_page(api):
     assert httpx.get(api.url + "/ui/jobs/%3Cscript%3E").status_code == 422  # ids are [A-Za-z0-9_-]
 
 
-def test_console_end_to_end(api, workspace, browser):
+def test_console_end_to_end(api, workspace, browser, tmp_path):
     t0 = time.monotonic()
     ws, tokens = workspace["dir"], workspace["tokens"]
     alice = Client(api.url, tokens["alice"], timeout=120)
@@ -314,6 +314,18 @@ def test_console_end_to_end(api, workspace, browser):
                   timeout=120)
     assert r.status_code == 200 and "<h1>raylm report</h1>" in r.text and "console-run" in r.text
     assert r.headers["content-security-policy"].startswith("sandbox;") and "<script" not in r.text
+    # the CLI picks the same files (jobs.report.files.report_inputs) and builds the same sections
+    from typer.testing import CliRunner
+
+    from service.cli import app
+
+    out = tmp_path / "cli-report.html"
+    cli = CliRunner().invoke(app, ["report", job_id, "--output", str(out)],
+                             env={"RAYLM_URL": url, "RAYLM_TOKEN": tokens["alice"]}, catch_exceptions=False)
+    assert cli.exit_code == 0, cli.output
+    for page in (r.text, out.read_text()):
+        assert page.count('data-status="not checked"') == 1  # the one checkpoint, listed, not verified
+        assert "<h2" in page and "Pretraining" in page and "6 records from" in page
     print(f"console end to end: {time.monotonic() - t0:.0f} s")
 
 
