@@ -326,11 +326,6 @@ def run(file: Annotated[Path, typer.Argument(help="Job YAML (with kind:) or pipe
         typer.echo(json.dumps(result, indent=2, default=str))
 
 
-# What a report reads (jobs/report/collect.py): no shards, weights or optimizer state.
-REPORT_INPUTS = ("manifest.json", "report.json", "config.json", "metrics.jsonl", "results.json", "trials.csv",
-                 "sweep.json", "tune_config.json", "train_state.json", "loss_vs_lr.png")
-
-
 @app.command()
 @_api_errors
 def report(target: Annotated[str, typer.Argument(help="A directory or s3:// prefix (built here), or a job id.")],
@@ -344,6 +339,7 @@ def report(target: Annotated[str, typer.Argument(help="A directory or s3:// pref
 
     from cluster import storage
     from jobs.report import REPORT_FILE, write_report
+    from jobs.report.files import report_inputs
 
     if storage.is_s3(target) or Path(target).exists():
         try:
@@ -361,10 +357,8 @@ def report(target: Annotated[str, typer.Argument(help="A directory or s3:// pref
             out.write_bytes(c.artifact(target, REPORT_FILE))
             typer.echo(str(out))
             return
-        wanted = [p for p, size in files.items() if size <= 64 << 20  # a .jsonl may be samples (generate)
-                  and (PurePosixPath(p).name in REPORT_INPUTS or p.endswith(".jsonl"))]
-        wanted += [f"{ck.name}/{f}" for ck in a.checkpoints for f in ck.files
-                   if f in REPORT_INPUTS or (f.startswith("MANIFEST.rank") and f.endswith(".json"))]
+        files.update({f"{ck.name}/{f}": 0 for ck in a.checkpoints for f in ck.files})
+        wanted = report_inputs(files)
         with tempfile.TemporaryDirectory(prefix="raylm-report-") as tmp:
             for rel in wanted:
                 parts = PurePosixPath(rel).parts

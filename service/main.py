@@ -13,7 +13,7 @@ from cluster import storage
 from service import files, limits
 from service.db import session_factory
 from service.records import reconcile_forever
-from service.routes import artifacts, cluster, health, jobs
+from service.routes import artifacts, cluster, health, jobs, ui
 from service.security import tenants
 from service.settings import Settings, get_settings
 from service.specs import spec_adapter
@@ -53,6 +53,7 @@ v1 = APIRouter(prefix="/v1")
 for module in (health, jobs, artifacts, cluster):
     v1.include_router(module.router)
 app.include_router(v1)
+app.include_router(ui.router)
 
 
 def openapi() -> dict:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import tempfile
 import threading
 import uuid
 from typing import Any
@@ -38,6 +40,7 @@ SUBMIT_GRACE_S = 120
 MAX_LISTED_FILES = 2000
 MAX_MANIFEST_BYTES = 16 << 20  # manifest.json files the service hashes for lineage
 METRICS_TAIL_BYTES = 64 << 10  # the end of metrics.jsonl, where its last record is
+METRICS_SERIES_BYTES = 32 << 20  # the most of metrics.jsonl read for a curve (its newest records)
 
 
 class Rejected(Exception):
@@ -584,6 +587,73 @@ def last_metrics(output: Any, allowed: list[str]) -> dict | None:
                 return None
             return record if isinstance(record, dict) else None
     return None
+
+
+def metric_series(output: Any, allowed: list[str], max_points: int) -> schemas.Metrics:
+    """The numeric fields of the job's metrics.jsonl, thinned to at most `max_points` records
+    (evaluation records are thinned apart from the rest, so a sparse val curve keeps its points)."""
+    out = schemas.Metrics()
+    if not isinstance(output, str):
+        return out
+    try:
+        f = files.open_file(output, "metrics.jsonl", allowed)
+    except (files.NotAllowed, OSError):
+        return out
+    try:
+        start = max(0, f.size - METRICS_SERIES_BYTES)
+        text = f.read_at(start, f.size - start).decode("utf-8", "replace")
+    finally:
+        f.close()
+    lines = text.splitlines()[1 if start else 0:]  # a cut first line is not a record
+    out.truncated = start > 0
+    train, evals = [], []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
+            continue
+        rec = {k: v for k, v in rec.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+               and math.isfinite(v)}
+        (evals if any(k.startswith(("val_", "eval_")) for k in rec) else train).append(rec)
+    out.total = len(train) + len(evals)
+    out.records = sorted(_thin(train, max_points) + _thin(evals, max_points), key=lambda r: r["step"])
+    return out
+
+
+def _thin(recs: list[dict], n: int) -> list[dict]:
+    if len(recs) <= n:
+        return recs
+    every = -(-len(recs) // n)
+    return recs[::every][: n - 1] + recs[-1:]  # always the newest
+
+
+def open_report(job: Job, allowed: list[str]) -> files.Opened | str:
+    """The job's report.html artifact, opened; or, when it has none (yet), a page built from copies
+    of the files the report reads, taken through service.files (checkpoints listed, not verified)."""
+    from jobs.report import REPORT_FILE, build_html
+    from jobs.report.files import report_inputs
+
+    try:
+        return open_artifact(job, REPORT_FILE, allowed)
+    except (files.NotAllowed, OSError):
+        pass
+    a = artifacts(job, allowed)
+    sizes = {f.path: f.size or 0 for f in (*a.manifests, *a.metrics, *a.plots, *a.other)}
+    sizes.update({f"{ck.name}/{f}": 0 for ck in a.checkpoints for f in ck.files})
+    with tempfile.TemporaryDirectory(prefix="raylm-report-") as tmp:
+        for rel in report_inputs(sizes):
+            try:
+                f = open_artifact(job, rel, allowed)
+            except (files.NotAllowed, OSError):
+                continue  # gone, or a link out since it was listed
+            dest = os.path.join(tmp, *files.check_rel(rel))
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            with open(dest, "wb") as w:
+                for chunk in f.chunks():
+                    w.write(chunk)
+        return build_html(tmp, verify_checkpoints=False, origin=a.output)
 
 
 def artifacts(job: Job, allowed: list[str]) -> schemas.Artifacts:

@@ -69,6 +69,15 @@ class JobDetail(Job):
     artifacts: Artifacts | None = None
 
 
+class Metrics(BaseModel):
+    records: list[dict[str, int | float]] = []
+    """Numeric fields of metrics.jsonl records (step, loss, val_loss, lr, ...), oldest first."""
+    total: int = 0
+    """Records read, before thinning."""
+    truncated: bool = False
+    """Only the newest part of a very long metrics.jsonl was read."""
+
+
 class JobList(BaseModel):
     items: list[Job]
     total: int

@@ -171,7 +171,8 @@ def test_auth_and_tenant_isolation(api, workspace):
     digest = hashlib.sha256(workspace["tokens"]["alice"].encode()).hexdigest()
     assert httpx.get(f"{api.url}/v1/jobs", headers={"Authorization": f"Bearer {digest}"}).status_code == 401
     bob = {"Authorization": f"Bearer {workspace['tokens']['bob']}"}
-    for method, path in (("GET", ""), ("GET", "/logs"), ("GET", "/artifacts"), ("POST", "/stop"), ("DELETE", "")):
+    for method, path in (("GET", ""), ("GET", "/logs"), ("GET", "/artifacts"), ("GET", "/metrics"), ("GET", "/report"),
+                         ("POST", "/stop"), ("DELETE", "")):
         assert httpx.request(method, f"{api.url}/v1/jobs/{alice_job}{path}", headers=bob).status_code == 404
     assert alice_job not in {j.id for j in client(api, workspace, "bob").list().items}
     cl = client(api, workspace, "bob").cluster()

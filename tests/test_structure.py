@@ -120,7 +120,8 @@ def test_the_api_and_the_configs_import_neither_torch_nor_ray_training(module):
 
 
 def test_presets_ship_inside_the_package(tmp_path):
-    """A wheel (not an editable install) carries the presets, and ModelConfig finds them there."""
+    """A wheel (not an editable install) carries the presets (and the GPU figures and the web console),
+    and ModelConfig finds them there."""
     import shutil
 
     src = tmp_path / "src"  # setuptools writes build/ beside the sources: build a copy
@@ -138,6 +139,8 @@ def test_presets_ship_inside_the_package(tmp_path):
             "from importlib import resources\n"
             "g = resources.files('jobs.train').joinpath('gpus.yaml')  # the planner's GPU figures\n"
             "assert str(g).startswith(sys.path[0]) and g.is_file(), g\n"
+            "ui = resources.files('service').joinpath('ui')  # the web console's pages and script\n"
+            "assert all(ui.joinpath(f).is_file() for f in ('templates/job.html', 'static/console.js')), ui\n"
             "print(c.ModelConfig(preset='tiny').num_params(), c.preset_names())")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -23,6 +23,24 @@ from cluster import storage
 MAX_FILE_BYTES = 256 << 20
 
 
+# What the report reads of a job's output (collect.py): no shards, weights or optimizer state.
+INPUT_NAMES = frozenset({"manifest.json", "report.json", "config.json", "metrics.jsonl", "results.json", "trials.csv",
+                         "sweep.json", "tune_config.json", "train_state.json", "loss_vs_lr.png"})
+MAX_INPUT_BYTES = 64 << 20  # a .jsonl may be samples (generate): a page built from copies skips larger files
+
+
+def report_inputs(sizes: dict[str, int]) -> list[str]:
+    """Of an output's files (relative path -> size), those a report built from copies of them needs;
+    a checkpoint's rank manifests come too, so its files are listed, though not verified."""
+    out = []
+    for rel, size in sizes.items():
+        name = posixpath.basename(rel)
+        if size <= MAX_INPUT_BYTES and (name in INPUT_NAMES or name.endswith(".jsonl") or (
+                name.startswith("MANIFEST.rank") and name.endswith(".json"))):
+            out.append(rel)
+    return out
+
+
 class ReportError(ValueError):
     """A file the report cannot use; the message starts with the file's path under the root."""
 

@@ -2,9 +2,9 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, HTTPException, Query, Response
 from fastapi import Path as PathParam
-from fastapi.responses import StreamingResponse
+from fastapi.responses import HTMLResponse, StreamingResponse
 
 from service import files, records, schemas
 from service.deps import SessionsDep, TenantDep
@@ -37,3 +37,32 @@ def get_artifact(job_id: JobId, path: Annotated[str, PathParam(max_length=4096)]
     media = "image/png" if path.endswith(".png") else "application/json" if path.endswith(".json") else \
         "application/octet-stream"
     return StreamingResponse(f.chunks(), media_type=media, headers={"Content-Length": str(f.size)})
+
+
+@router.get("/{job_id}/metrics", response_model=schemas.Metrics)
+def metrics(job_id: JobId, sessions: SessionsDep, tenant: TenantDep,
+            max_points: Annotated[int, Query(ge=2, le=10_000)] = 1000) -> schemas.Metrics:
+    """The numeric fields of the job's metrics.jsonl (loss, val_loss, lr, ...), for a curve: at most
+    `max_points` training records and as many evaluation records, evenly thinned, the newest kept."""
+    job = load(sessions, tenant, job_id)
+    return records.metric_series(job.spec.get("output"), tenant.prefixes, max_points)
+
+
+# The report is one self-contained page (inline styles and SVG, no script). Served sandboxed: even
+# opened directly, nothing in it runs with this origin's privileges or loads anything.
+REPORT_CSP = "sandbox; default-src 'none'; style-src 'unsafe-inline'; img-src data:; frame-ancestors 'self'"
+
+
+@router.get("/{job_id}/report", response_class=HTMLResponse,
+            responses={200: {"content": {"text/html": {}}, "description": "The run report (docs/report.md)"}})
+def report(job_id: JobId, sessions: SessionsDep, tenant: TenantDep) -> Response:
+    """The job's run report: its report.html artifact, or, for a job that wrote none (yet), a page
+    built from its output's files (checkpoints listed, not verified)."""
+    job = load(sessions, tenant, job_id)
+    page = records.open_report(job, tenant.prefixes)
+    headers = {"Content-Security-Policy": REPORT_CSP, "X-Content-Type-Options": "nosniff",
+               "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
+    if isinstance(page, str):
+        return HTMLResponse(page, headers=headers)
+    return StreamingResponse(page.chunks(), media_type="text/html; charset=utf-8",
+                             headers={**headers, "Content-Length": str(page.size)})
