@@ -22,12 +22,12 @@ from jobs.checkpoint.config import ExportConfig
 from jobs.config import JobConfig, job_kind
 from jobs.data.config import PrepareConfig, TasksConfig
 from jobs.infer.config import EvaluateConfig, GenerateConfig, ServeConfig
-from jobs.posttrain.config import DPOConfig, RewardConfig, SFTConfig
+from jobs.posttrain.config import DPOConfig, RewardConfig, RLConfig, SFTConfig
 from jobs.train.config import TRIAL_DRIVER_CPUS, PretrainConfig, TuneConfig
 
 SPEC_CLASSES: tuple[type[JobConfig], ...] = (
     PrepareConfig, PretrainConfig, TuneConfig, GenerateConfig, ExportConfig, SFTConfig, DPOConfig, RewardConfig,
-    EvaluateConfig, TasksConfig, ServeConfig,
+    EvaluateConfig, TasksConfig, ServeConfig, RLConfig,
 )
 
 JobSpec = Annotated[Union[SPEC_CLASSES], Field(discriminator="kind")]  # noqa: UP007 (a tuple needs Union[])
