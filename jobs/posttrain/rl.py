@@ -427,21 +427,26 @@ def sync(rl: RL) -> None:
 
 @torch.no_grad()
 def evaluate(rl: RL) -> dict:
-    """Greedy accuracy on the held-out prompts (each worker takes every world-th item)."""
+    """Greedy accuracy on the held-out prompts (each worker takes every world-th item), and with
+    PPO the reward model's mean score of those answers (each closed with <|end|>)."""
     from jobs.infer.generate import complete_batch
 
     w = rl.run.w
     mine = rl.eval_items[w.rank :: w.world]
     model = actor_of(rl.run.engine.module)
-    correct = 0.0
+    correct = score_sum = 0.0
     for i in range(0, len(mine), 64):
         batch = mine[i : i + 64]
-        outs = complete_batch(model, prompt_ids(batch, rl.tok, rl.max_prompt), rl.cfg.max_new_tokens,
-                              rl.sampling.stop_ids)
+        ids = prompt_ids(batch, rl.tok, rl.max_prompt)
+        outs = complete_batch(model, ids, rl.cfg.max_new_tokens, rl.sampling.stop_ids)
         correct += sum(is_correct(decode(rl.tok, o), it.answer, it.match) for it, o in zip(batch, outs))
+        if rl.reward_model is not None:  # the same prompts every time: no prompt-to-prompt noise
+            rows = [p + o + [rl.sampling.stop_ids[0]] for p, o in zip(ids, outs)]
+            score_sum += float(score_batch(rl.reward_model, rows, rl.pad_id, w.device).sum())
     rl.run.engine.train()
-    c, n = all_reduce_sum([correct, float(len(mine))])
-    return {"eval_accuracy": c / n, "eval_correct": int(c), "eval_items": int(n)}
+    c, s, n = all_reduce_sum([correct, score_sum, float(len(mine))])
+    return {"eval_accuracy": c / n, "eval_correct": int(c), "eval_items": int(n),
+            **({"eval_reward": s / n} if rl.reward_model is not None else {})}
 
 
 # ----------------------------------------------------------------------------- log
