@@ -285,3 +285,11 @@ def test_killed_run_resumes_from_its_last_checkpoint(ppo_run):
     assert {"model.safetensors", "critic.safetensors", "rng-rank0.json", "train_state.json", "deepspeed"} <= names
     state = json.loads((ck / "train_state.json").read_text())
     assert state["step"] == PPO_ITERATIONS and state["rl"]["kl_coef"] == 0.05
+
+
+def test_rl_spec_reserves_its_rollout_actors():
+    from service.specs import resources, spec_adapter
+
+    base = {"kind": "rl", "init_from": "a", "data": "b.jsonl", "output": "c", "num_workers": 2}
+    assert resources(spec_adapter.validate_python(base))["cpus"] == 2
+    assert resources(spec_adapter.validate_python({**base, "rollout_workers": 3, "rollout_cpus": 2}))["cpus"] == 8
