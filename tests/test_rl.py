@@ -33,7 +33,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> str:
     return str(path)
 
 
-def build_toy(root: Path) -> dict:
+def build_toy(root: Path, n_eval: int = 64) -> dict:
     """Prompt files, preference pairs, and a briefly fine-tuned chat model as an HF export."""
     from jobs.checkpoint.hf import write_export
     from jobs.data.chat import Conversation, pad_batch, sft_example, special_ids
@@ -42,7 +42,7 @@ def build_toy(root: Path) -> dict:
 
     rng = random.Random(0)
     train = [toy_item(rng) for _ in range(400)]
-    held = [toy_item(rng) for _ in range(64)]
+    held = [toy_item(rng) for _ in range(n_eval)]
     tok = train_tokenizer([x["prompt"] + " " + x["answer"] for x in train] * 3, vocab_size=300)
     torch.manual_seed(0)
     model = GPT(ModelConfig(**TOY_MODEL, vocab_size=tok.get_vocab_size()))

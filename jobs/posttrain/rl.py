@@ -28,15 +28,15 @@ import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from jobs.checkpoint.layout import CRITIC
-from jobs.checkpoint.load import load_model
+from jobs.checkpoint.load import load_model, read_train_state
 from jobs.data.answers import is_correct
-from jobs.data.chat import Message, chat_prompt_ids, special_ids
+from jobs.data.chat import Message, chat_prompt_ids, read_records, special_ids
 from jobs.posttrain.config import RLConfig
 from jobs.posttrain.losses import (AdaptiveKLController, entropy_from_logits, gae, group_advantages, kl_estimate,
                                    kl_penalized_rewards, ppo_policy_loss, ppo_value_loss, token_logprobs, token_mean,
                                    whiten)
 from jobs.posttrain.reward import RewardModel, load_reward_model, score_batch
-from jobs.posttrain.rollout import RolloutPool, Rollouts, Sampling, sample
+from jobs.posttrain.rollout import RolloutPool, Sampling, sample
 from jobs.posttrain.worker import PostTrainRun, _permutation, save, start
 from jobs.train.worker import all_reduce_sum, check_finite, finish_worker, is_due
 from model.tokenizer import EOT, decode
@@ -492,6 +492,7 @@ def iteration(rl: RL, it: int) -> dict:
 
 
 def setup(config: dict) -> RL:
+    """Everything a worker needs before the first iteration: engine (resumed), frozen models, prompts, pool."""
     from model.tokenizer import load_tokenizer
 
     cfg = RLConfig.model_validate(config["cfg"])
@@ -510,14 +511,10 @@ def setup(config: dict) -> RL:
     reward_model = frozen(load_reward_model(config["reward"], str(w.device))[0]) if cfg.algorithm == "ppo" else None
     kl_coef = cfg.kl_coef
     if w.resume_dir is not None:  # the adaptive coefficient where the checkpoint left it
-        from jobs.checkpoint.load import read_train_state
-
         kl_coef = read_train_state(w.resume_dir).get("rl", {}).get("kl_coef", kl_coef)
     kl = AdaptiveKLController(kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target and cfg.algorithm == "ppo" \
         else None
     max_len = cfg.max_seq_len or config["model"]["max_seq_len"]
-    from jobs.data.chat import read_records
-
     rl = RL(cfg=cfg, run=run, tok=tok,
             sampling=Sampling(cfg.max_new_tokens, [sp["end"], tok.token_to_id(EOT)], cfg.temperature, cfg.top_k),
             train_items=read_records(cfg.data, PromptItem),
@@ -552,5 +549,3 @@ def train_loop_per_worker(config: dict) -> None:
         rl.pool.shutdown()
     finish_worker(w)
 
-
-__all__ = ["PromptItem", "Rollouts", "train_loop_per_worker"]
