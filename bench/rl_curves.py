@@ -4,7 +4,7 @@ interval: the figures of docs/posttrain.md ("Reinforcement learning").
     python bench/rl_curves.py --grpo runs/rl/grpo --ppo runs/rl/ppo --out docs
 
 Writes rl-grpo.png (training reward and held-out accuracy per iteration) and rl-ppo.png (mean
-reward, held-out reward and KL to the reference), and prints the before/after table in Markdown.
+reward, held-out reward, the rule-checked accuracy of the same samples, and KL to the reference), and prints the before/after table in Markdown.
 """
 
 from __future__ import annotations
@@ -74,7 +74,11 @@ def plot_ppo(recs: list[dict], out: Path) -> None:
     a.plot(*series(recs, "eval_reward"), "o-", label="held-out reward (greedy)")
     a.set_xlabel("iteration")
     a.set_title("PPO: reward")
-    a.legend(fontsize=8)
+    a.legend(fontsize=8, loc="upper left")
+    acc = a.twinx()  # what the reward model is meant to stand for: is the answer right?
+    acc.plot(*series(recs, "accuracy"), color="C2", lw=1, ls="--", label="answer accuracy (rule check)")
+    acc.set_ylim(0, 1)
+    acc.legend(fontsize=8, loc="lower right")
     b.plot(*series(recs, "kl"), label="KL to reference (nats/sequence)")
     b.set_xlabel("iteration")
     b.set_title("PPO: KL")
