@@ -174,7 +174,7 @@ def test_rl_checkpoint_loads_and_generates(grpo_run):
     assert rows[0]["step"] == 16 and rows[0]["completion"].strip() in WORDS
 
 
-def test_api_accepts_an_rl_spec(toy):
+def test_api_accepts_an_rl_spec():
     from service.specs import CLASS_BY_KIND, KINDS, spec_adapter
 
     assert "rl" in KINDS
@@ -293,3 +293,12 @@ def test_rl_spec_reserves_its_rollout_actors():
     base = {"kind": "rl", "init_from": "a", "data": "b.jsonl", "output": "c", "num_workers": 2}
     assert resources(spec_adapter.validate_python(base))["cpus"] == 2
     assert resources(spec_adapter.validate_python({**base, "rollout_workers": 3, "rollout_cpus": 2}))["cpus"] == 8
+
+
+def test_rollout_pool_that_cannot_be_placed_names_the_fields(ray_local, monkeypatch):
+    import jobs.posttrain.rollout as rollout
+    from model import ModelConfig
+
+    monkeypatch.setattr(rollout, "READY_TIMEOUT_S", 3)
+    with pytest.raises(RuntimeError, match="rollout_workers: 2 rollout actors of rollout_cpus 64"):
+        rollout.RolloutPool(2, ModelConfig(**TOY_MODEL, vocab_size=300).model_dump(mode="json"), 64, 0)

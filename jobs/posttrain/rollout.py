@@ -23,6 +23,7 @@ from model import GPT, ModelConfig
 from model.gpt import generate_batch
 
 ACTOR_PREFIX = "raylm-rl-rollout"
+READY_TIMEOUT_S = 600
 
 
 @dataclass
@@ -102,6 +103,22 @@ class RolloutPool:
         self.actor_cls = ray.remote(RolloutWorker)
         self.actors = [self._new_actor(i) for i in range(n)]
         self.retried = 0  # rollouts and weight syncs retried over the pool's life
+        self._wait_placed(READY_TIMEOUT_S)
+
+    def _wait_placed(self, timeout: float) -> None:
+        """Fail with the fields to change when the cluster cannot place the actors (rather than
+        wait forever for CPUs the training workers hold)."""
+        import ray
+
+        try:
+            ray.get([a.num_calls.remote() for a in self.actors], timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            self.shutdown()
+            raise RuntimeError(f"rollout_workers: {len(self.actors)} rollout actors of rollout_cpus {self.cpus} "
+                               f"were not placed within {timeout:.0f} s; the cluster needs these CPUs besides the "
+                               "training workers'") from None
+        except ray.exceptions.RayActorError:
+            pass  # one died already: the first weight sync replaces it
 
     def _new_actor(self, i: int):
         # Named, so that an operator (or a test) can find the pool: raylm-rl-rollout-<pool>-<i>-<n>.
