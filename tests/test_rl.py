@@ -35,6 +35,15 @@ def write_jsonl(path: Path, rows: list[dict]) -> str:
 
 def build_toy(root: Path, n_eval: int = 64) -> dict:
     """Prompt files, preference pairs, and a briefly fine-tuned chat model as an HF export."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 6x faster for a model this small next to Ray's processes on 2 cores
+    try:
+        return _build_toy(root, n_eval)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build_toy(root: Path, n_eval: int) -> dict:
     from jobs.checkpoint.hf import write_export
     from jobs.data.chat import Conversation, pad_batch, sft_example, special_ids
     from model import GPT, ModelConfig
