@@ -25,7 +25,7 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import HTTPError
 
-JOB_KINDS = ("prepare", "pretrain", "tune", "generate", "export", "sft", "dpo", "reward", "evaluate")
+JOB_KINDS = ("prepare", "pretrain", "tune", "generate", "export", "sft", "dpo", "reward", "rl", "evaluate")
 
 GROUP, VERSION, PLURAL = "ray.io", "v1", "rayjobs"
 CONFIG_ANNOTATION = "raylm.io/job-config"

@@ -22,12 +22,12 @@ from jobs.checkpoint.config import ExportConfig
 from jobs.config import JobConfig, job_kind
 from jobs.data.config import PrepareConfig, TasksConfig
 from jobs.infer.config import EvaluateConfig, GenerateConfig, ServeConfig
-from jobs.posttrain.config import DPOConfig, RewardConfig, SFTConfig
+from jobs.posttrain.config import DPOConfig, RewardConfig, RLConfig, SFTConfig
 from jobs.train.config import TRIAL_DRIVER_CPUS, PretrainConfig, TuneConfig
 
 SPEC_CLASSES: tuple[type[JobConfig], ...] = (
     PrepareConfig, PretrainConfig, TuneConfig, GenerateConfig, ExportConfig, SFTConfig, DPOConfig, RewardConfig,
-    EvaluateConfig, TasksConfig, ServeConfig,
+    EvaluateConfig, TasksConfig, ServeConfig, RLConfig,
 )
 
 JobSpec = Annotated[Union[SPEC_CLASSES], Field(discriminator="kind")]  # noqa: UP007 (a tuple needs Union[])
@@ -104,7 +104,7 @@ def resources(spec: JobConfig) -> dict[str, float]:
     the spec: what quotas and the service's admission are checked against.
 
     Training-style jobs reserve `num_workers` x `cpus_per_worker`, an elastic range by its maximum
-    (and a GPU per worker with `use_gpu`); `serve` runs `num_replicas` replicas of one CPU (and GPU)
+    (and a GPU per worker with `use_gpu`), RL's split placement also `rollout_workers` x `rollout_cpus`; `serve` runs `num_replicas` replicas of one CPU (and GPU)
     each; a sweep runs up to `max_concurrent` trials at once (all `num_samples` when unset), each a
     Tune actor plus the trial's workers; a job without workers runs in one task.
     """
@@ -113,7 +113,8 @@ def resources(spec: JobConfig) -> dict[str, float]:
         n = spec.max_concurrent or spec.num_samples
         return {"cpus": (TRIAL_DRIVER_CPUS + one["cpus"]) * n, "gpus": one["gpus"] * n}
     units = most(getattr(spec, "num_workers", 1)) * getattr(spec, "num_replicas", 1)
-    cpus = units * getattr(spec, "cpus_per_worker", 1)
+    # RL's split placement adds its rollout actors to the training workers
+    cpus = units * getattr(spec, "cpus_per_worker", 1) + getattr(spec, "rollout_workers", 0) * getattr(spec, "rollout_cpus", 0)
     gpus = units if getattr(spec, "use_gpu", False) else 0
     return {"cpus": cpus, "gpus": gpus}
 

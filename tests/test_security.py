@@ -499,7 +499,7 @@ def test_readme_cluster_commands_work_as_written(ray_head, tmp_path):
 def test_api_docs_list_every_kind():
     from service.specs import KINDS
 
-    assert len(KINDS) == 11
+    assert len(KINDS) == 12
     text = (REPO / "docs" / "api.md").read_text()
     listed = re.search(r"`SPEC_CLASSES`: ([^)]*)\)", text).group(1)
     assert sorted(k.strip() for k in listed.replace("\n", " ").split(",")) == sorted(KINDS)

@@ -6,6 +6,7 @@ A checkpoint is a directory `checkpoint_<step:07d>/` of a run directory (local o
     model.safetensors          consolidated fp32 weights in model.GPT's key names (lm_head.weight
                                left out when tied); a reward model's body
     value_head.safetensors     a reward model's scalar head (reward checkpoints only)
+    critic.safetensors         a PPO run's critic: body and value head (jobs.rl, algorithm ppo)
     train_state.json           step, world size, resolved config, model config, lineage hashes
     tokenizer.json             the tokenizer the model was trained with
     metrics.jsonl              the run's metric history up to this step
@@ -28,6 +29,7 @@ from cluster import storage
 TRAIN_STATE = "train_state.json"
 WEIGHTS = "model.safetensors"
 VALUE_HEAD = "value_head.safetensors"
+CRITIC = "critic.safetensors"
 TOKENIZER = "tokenizer.json"
 METRICS = "metrics.jsonl"
 DEEPSPEED = "deepspeed"

@@ -122,12 +122,37 @@ class PrepareConfig(JobConfig):
                 raise ValueError(f"inputs[{i}] is empty")
         return v
 
+class VerifiableConfig(Section):
+    """Verifiable tasks (jobs.data.verifiable): answers a rule checks, for RL with verifiable rewards."""
+
+    tasks: list[Literal["addition", "reverse"]] = Field(min_length=1)
+    """`addition` ("What is 37+58?", numeric answer) and/or `reverse` ("Reverse the letters: k m q z", exact match)."""
+    eval_items: int = Field(500, ge=1)
+    """Held-out items per task (eval/<task>.jsonl and rl_eval.jsonl); no training item shares their operands or letters."""
+    sft_items: int = Field(1000, ge=1)
+    """SFT conversations per task (verifiable_sft_train.jsonl): the warm start before RL."""
+    rl_items: int = Field(3000, ge=1)
+    """RL training prompts per task (rl_train.jsonl), disjoint from the SFT and held-out items."""
+    addition_digits: int = Field(2, ge=1, le=9)
+    """Each addition operand has 1 to this many digits."""
+    seed: int = 0
+    """Seeds the items: the same seed writes the same files."""
+
+    @field_validator("tasks")
+    @classmethod
+    def _distinct(cls, v):
+        if len(set(v)) != len(v):
+            raise ValueError("a task is listed twice")
+        return v
+
+
 class TasksConfig(JobConfig):
-    """Build instruction data, preference pairs and held-out eval tasks from the plays."""
+    """Build instruction data, preference pairs and held-out eval tasks from the plays, and verifiable tasks."""
 
     kind: Literal["tasks"] = "tasks"
-    data: str
-    """Output of jobs.prepare: its manifest says which corpus, Markdown split level, seed and val_fraction define the held-out documents."""
+    data: str | None = None
+    """Output of jobs.prepare: its manifest says which corpus, Markdown split level, seed and val_fraction define the
+    held-out documents. Unset: no Shakespeare tasks, only the `verifiable` ones."""
     output: str
     """Directory or s3:// prefix for the JSONL files."""
     train_items_per_kind: int = Field(3000, ge=1)
@@ -142,3 +167,11 @@ class TasksConfig(JobConfig):
     """Skip items whose prompt is longer (keeps conversations inside a small model's context)."""
     seed: int = 0
     """Seeds the sampling of items and of wrong choices."""
+    verifiable: VerifiableConfig | None = None
+    """Also write verifiable tasks (RL prompts with answers, their held-out items and SFT warm-start conversations)."""
+
+    @model_validator(mode="after")
+    def _something(self):
+        if self.data is None and self.verifiable is None:
+            raise ValueError("nothing to build: set data (Shakespeare tasks) and/or verifiable")
+        return self

@@ -12,6 +12,9 @@ Item kinds, each made from a speech boundary or a line of a scene:
     next_line    multiple choice: which line comes next (true line + 3 lines from the same play)
     speaker_gen  generative, exact match: name who speaks next
     count_words  generative, numeric answer: how many words a line has
+
+With a `verifiable` section it also writes the verifiable tasks of jobs.data.verifiable (RL
+prompts with answers, their held-out items, SFT warm-start conversations); they need no corpus.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ import re
 from dataclasses import dataclass
 
 from cluster import storage
-from jobs.data.config import TasksConfig
+from jobs.data import verifiable
+from jobs.data.config import TasksConfig, VerifiableConfig
 
 
 SPEAKER_Q = "Who speaks next?"
@@ -169,6 +173,20 @@ def write_jsonl(uri: str, rows: list[dict]) -> None:
 
 def build_tasks(cfg: TasksConfig) -> dict:
     """Write every task file of `cfg.output` (see jobs.tasks); returns the counts."""
+    out = storage.absolute(cfg.output)
+    summary: dict = {"config": cfg.resolved(), "files": {}}
+    if cfg.data is not None:
+        summary["documents"], summary["files"] = build_play_tasks(cfg, out)
+        print(json.dumps(summary["documents"]))
+    if cfg.verifiable is not None:
+        summary["files"].update(build_verifiable_tasks(cfg.verifiable, out))
+    storage.write_json(storage.join(out, "manifest.json"), summary)
+    print(json.dumps(summary["files"], indent=2))
+    return summary
+
+
+def build_play_tasks(cfg: TasksConfig, out: str) -> tuple[dict, dict]:
+    """The Shakespeare tasks: (document counts, file -> rows)."""
     from jobs.data.shards import load_manifest
 
     manifest = load_manifest(storage.absolute(cfg.data))
@@ -185,7 +203,6 @@ def build_tasks(cfg: TasksConfig) -> dict:
     pairs_val = [to_pair(k, it) for k, rows in held_items.items() for it in rows]
     for rows in (sft_train, sft_val, pairs_train, pairs_val):
         rng.shuffle(rows)
-    out = storage.absolute(cfg.output)
     write_jsonl(storage.join(out, "sft_train.jsonl"), sft_train)
     write_jsonl(storage.join(out, "sft_val.jsonl"), sft_val)
     write_jsonl(storage.join(out, "pairs_train.jsonl"), pairs_train)
@@ -199,15 +216,31 @@ def build_tasks(cfg: TasksConfig) -> dict:
     # a few held-out questions as chat prompts, for jobs.generate's prompts_file
     prompts = [{"messages": [{"role": "user", "content": it["prompt"]}]} for rows in held_items.values() for it in rows[:3]]
     write_jsonl(storage.join(out, "prompts.jsonl"), prompts)
-    summary = {
-        "config": cfg.resolved(),
-        "documents": {"train": len(train_docs), "held_out": len(held_docs)},
-        "files": {
-            "sft_train.jsonl": len(sft_train), "sft_val.jsonl": len(sft_val),
-            "pairs_train.jsonl": len(pairs_train), "pairs_val.jsonl": len(pairs_val),
-            **{f"eval/{k}.jsonl": len(v) for k, v in evals.items()}, "prompts.jsonl": len(prompts),
-        },
+    documents = {"train": len(train_docs), "held_out": len(held_docs)}
+    files = {
+        "sft_train.jsonl": len(sft_train), "sft_val.jsonl": len(sft_val),
+        "pairs_train.jsonl": len(pairs_train), "pairs_val.jsonl": len(pairs_val),
+        **{f"eval/{k}.jsonl": len(v) for k, v in evals.items()}, "prompts.jsonl": len(prompts),
     }
-    storage.write_json(storage.join(out, "manifest.json"), summary)
-    print(json.dumps(summary["documents"]), json.dumps(summary["files"], indent=2))
-    return summary
+    return documents, files
+
+
+def build_verifiable_tasks(cfg: VerifiableConfig, out: str) -> dict:
+    """The verifiable tasks (jobs.data.verifiable): file -> rows."""
+    items = {t: verifiable.make_task(t, cfg.seed, cfg.eval_items, cfg.sft_items, cfg.rl_items, cfg.addition_digits)
+             for t in cfg.tasks}
+    rng = random.Random(f"{cfg.seed}:files")
+    rl_train = [it for t in cfg.tasks for it in items[t]["rl"]]
+    sft_train = [verifiable.to_conversation(it) for t in cfg.tasks for it in items[t]["sft"]]
+    for rows in (rl_train, sft_train):
+        rng.shuffle(rows)
+    files = {
+        "rl_train.jsonl": rl_train,
+        "rl_eval.jsonl": [it for t in cfg.tasks for it in items[t]["eval"]],
+        "verifiable_sft_train.jsonl": sft_train,
+        "verifiable_sft_val.jsonl": [verifiable.to_conversation(it) for t in cfg.tasks for it in items[t]["eval"]],
+        **{f"eval/{t}.jsonl": [verifiable.to_eval(it, i) for i, it in enumerate(items[t]["eval"])] for t in cfg.tasks},
+    }
+    for name, rows in files.items():
+        write_jsonl(storage.join(out, name), rows)
+    return {name: len(rows) for name, rows in files.items()}

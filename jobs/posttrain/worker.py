@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 import torch
 
 from cluster import storage
-from jobs.checkpoint.layout import TRAIN_STATE, WEIGHTS, latest_checkpoint, prune_checkpoints
+from jobs.checkpoint.layout import TRAIN_STATE, VALUE_HEAD, WEIGHTS, latest_checkpoint, prune_checkpoints
 from jobs.checkpoint.load import load_model, read_history, resolve_source
 from jobs.data.chat import CHAT_TEMPLATE, special_ids
 from jobs.posttrain.config import PostTrainConfig
@@ -79,13 +79,18 @@ class PostTrainRun:
     w: Worker
     engine: object
     prefix: str = ""  # the GPT's key prefix inside a wrapping module (a reward model's "body.")
+    rest_file: str = VALUE_HEAD  # where a wrapping module's other tensors go
+    extra_state: dict = field(default_factory=dict)  # more train_state.json entries (RL: the KL coefficient)
 
 
-def start(cfg: PostTrainConfig, config: dict, module: torch.nn.Module, prefix: str = "") -> PostTrainRun:
+def start(cfg: PostTrainConfig, config: dict, module: torch.nn.Module, prefix: str = "",
+          engine_cfg: PostTrainConfig | None = None) -> PostTrainRun:
     """Engine over `module` (a GPT, or a module with a GPT inside and `optim_groups`), resumed from
-    the run's newest complete checkpoint if there is one."""
+    the run's newest complete checkpoint if there is one. `engine_cfg` (default `cfg`) is what the
+    engine's batch and schedule are built from (RL counts optimizer steps, not iterations)."""
     w = start_worker(cfg)
-    engine = build_engine(cfg, module, module.optim_groups(cfg.weight_decay), w.world, load_universal=w.resharded)
+    engine = build_engine(engine_cfg or cfg, module, module.optim_groups(cfg.weight_decay), w.world,
+                          load_universal=w.resharded)
     resume(engine, w, cfg.seed)
     record_start(cfg.output, w, engine)
     return PostTrainRun(cfg=cfg, config=config, w=w, engine=engine, prefix=prefix)
@@ -115,8 +120,7 @@ def log_step(rank: int, rec: dict) -> None:
 
 def save(run: PostTrainRun, metrics: dict) -> None:
     """A checkpoint in pretraining's layout: the GPT in model.safetensors, a wrapping module's
-    other tensors (a reward model's value head) in their own file."""
-    from jobs.checkpoint.layout import VALUE_HEAD
+    other tensors (a reward model's value head, a PPO critic) in `run.rest_file`."""
     from jobs.checkpoint.save import gather_weights
     from model import ModelConfig
 
@@ -126,10 +130,10 @@ def save(run: PostTrainRun, metrics: dict) -> None:
     if sd is not None:
         body = {k[len(run.prefix):]: v for k, v in sd.items() if k.startswith(run.prefix)}
         rest = {k: v for k, v in sd.items() if not k.startswith(run.prefix)}
-        tensors = {WEIGHTS: body, **({VALUE_HEAD: rest} if rest else {})}
+        tensors = {WEIGHTS: body, **({run.rest_file: rest} if rest else {})}
     state = {"kind": run.cfg.kind, "config": run.config["cfg"], "model": run.config["model"],
              "init_from": run.config["init_from"], "tokenizer_sha256": run.config["tokenizer_sha256"],
-             "chat_template": CHAT_TEMPLATE, "metrics": metrics}
+             "chat_template": CHAT_TEMPLATE, "metrics": metrics, **run.extra_state}
     save_and_report(run.engine, run.w, metrics, tensors, state, run.config["tokenizer_json"])
 
 

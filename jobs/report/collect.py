@@ -565,6 +565,10 @@ def _number(v) -> bool:
 KNOWN_METRICS = {"step", "loss", "val_loss", "val_ppl", "eval_loss", "lr", "grad_norm", "tokens_per_s", "tokens",
                  "world_size", "memory_gib", "mfu", "diverged"}
 MAX_EXTRA_CHARTS = 6
+# Of a job's other metrics these are drawn first (RL logs more than MAX_EXTRA_CHARTS); the rest
+# alphabetically. Counts behind a rate (RL's eval_correct / eval_items) are not curves.
+FIRST_METRICS = ("reward_mean", "accuracy", "kl", "eval_reward", "entropy", "logprob_diff_max")
+COUNTS = {"eval_correct", "eval_items"}
 
 
 def _run_charts(s: RunSection, charts: Charts, records: list[dict]) -> list[Chart]:
@@ -589,8 +593,9 @@ def _run_charts(s: RunSection, charts: Charts, records: list[dict]) -> list[Char
                                 [Series("world-size", "world size", *_series(records, "world_size"), style="step")],
                                 ylabel="workers"))
     # other metrics a job logs (DPO rewards, reward-model accuracy), each with its eval_ twin if any
-    extras = {k for r in records for k, v in r.items() if k not in KNOWN_METRICS and _number(v)}
-    keys = sorted(k for k in extras if not (k.startswith("eval_") and k[5:] in extras))
+    extras = {k for r in records for k, v in r.items() if k not in KNOWN_METRICS | COUNTS and _number(v)}
+    keys = sorted((k for k in extras if not (k.startswith("eval_") and k[5:] in extras)),
+                  key=lambda k: (FIRST_METRICS.index(k) if k in FIRST_METRICS else len(FIRST_METRICS), k))
     for key in keys[:MAX_EXTRA_CHARTS]:
         series = [Series(f"metric-{key}", key, *_series(records, key),
                          style="markers" if key.startswith(("eval_", "val_")) else "line")]
