@@ -7,11 +7,13 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+import signal
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -174,6 +176,37 @@ def s3(monkeypatch):
     client.create_bucket(Bucket="raylm")
     yield client
     server.stop()
+
+
+def ray_worker_pids() -> list[int]:
+    """PIDs of this session's Ray Train workers (children of our raylet)."""
+    import psutil
+    import ray._private.worker as rw
+
+    raylet = rw._global_node.all_processes["raylet"][0].process.pid
+    return [p.pid for p in psutil.Process(raylet).children(recursive=True)
+            if "RayTrainWorker" in " ".join(p.cmdline())]
+
+
+def kill_worker_after(run_dir: Path, step: int) -> list[int]:
+    """SIGKILL a Ray Train worker once checkpoint `step` is complete; the returned list receives
+    the killed pid."""
+    from jobs.checkpoint.layout import verify_checkpoint
+
+    killed: list[int] = []
+
+    def watch():
+        ck = str(run_dir / f"checkpoint_{step:07d}")
+        deadline = time.time() + 900
+        while time.time() < deadline and (not Path(ck).exists() or verify_checkpoint(ck)):
+            time.sleep(0.2)
+        pids = ray_worker_pids()
+        if pids:
+            os.kill(pids[-1], signal.SIGKILL)
+            killed.append(pids[-1])
+
+    threading.Thread(target=watch, daemon=True).start()
+    return killed
 
 
 def _free_ports(n: int) -> list[int]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import reference_training
+from conftest import kill_worker_after, reference_training
 from safetensors.torch import load_file
 from safetensors.torch import save_file
 
@@ -212,40 +212,6 @@ def test_zero3_run_tracks_a_single_process_run(tiny_run):
     reference = single_process_losses(root, 5)
     for h, ref in zip(history[:5], reference):
         assert h["loss"] == pytest.approx(ref, rel=1e-4), h["step"]  # stated tolerance: 1e-4 relative
-
-
-def ray_worker_pids() -> list[int]:
-    """PIDs of this session's Ray Train workers (children of our raylet)."""
-    import psutil
-    import ray._private.worker as rw
-
-    raylet = rw._global_node.all_processes["raylet"][0].process.pid
-    return [p.pid for p in psutil.Process(raylet).children(recursive=True)
-            if "RayTrainWorker" in " ".join(p.cmdline())]
-
-
-def kill_worker_after(run_dir: Path, step: int) -> list[int]:
-    """SIGKILL a Ray Train worker once checkpoint `step` is complete; the returned list receives
-    the killed pid."""
-    import os
-    import signal
-    import threading
-    import time
-
-    killed: list[int] = []
-
-    def watch():
-        ck = str(run_dir / f"checkpoint_{step:07d}")
-        deadline = time.time() + 600
-        while time.time() < deadline and (not Path(ck).exists() or verify_checkpoint(ck)):
-            time.sleep(0.2)
-        pids = ray_worker_pids()
-        if pids:
-            os.kill(pids[-1], signal.SIGKILL)
-            killed.append(pids[-1])
-
-    threading.Thread(target=watch, daemon=True).start()
-    return killed
 
 
 def starts(run: Path) -> list[dict]:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import kill_worker_after
 
 WORDS = "sun moon star cloud rain wind tree stone river hill".split()
 TOY_MODEL = dict(preset="tiny", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=32)
@@ -197,39 +198,6 @@ def test_api_accepts_an_rl_spec():
 # ----------------------------------------------------------------------------- PPO, killed and resumed
 
 
-def ray_worker_pids() -> list[int]:
-    """PIDs of this session's Ray Train workers (children of our raylet)."""
-    import psutil
-    import ray._private.worker as rw
-
-    raylet = rw._global_node.all_processes["raylet"][0].process.pid
-    return [p.pid for p in psutil.Process(raylet).children(recursive=True)
-            if "RayTrainWorker" in " ".join(p.cmdline())]
-
-
-def kill_training_worker_after(run_dir: Path, step: int) -> list[int]:
-    """SIGKILL a Ray Train worker once checkpoint `step` is complete; the list receives its pid."""
-    import os
-    import signal
-
-    from jobs.checkpoint.layout import verify_checkpoint
-
-    killed: list[int] = []
-
-    def watch():
-        ck = str(run_dir / f"checkpoint_{step:07d}")
-        deadline = time.time() + 900
-        while time.time() < deadline and (not Path(ck).exists() or verify_checkpoint(ck)):
-            time.sleep(0.1)
-        pids = ray_worker_pids()
-        if pids:
-            os.kill(pids[-1], signal.SIGKILL)
-            killed.append(pids[-1])
-
-    threading.Thread(target=watch, daemon=True).start()
-    return killed
-
-
 PPO_ITERATIONS = 16
 KL_BOUND = 3.0  # nats per sequence (k1, summed over the completion's tokens)
 
@@ -248,7 +216,7 @@ def ppo_run(ray_local, toy, tmp_path_factory):
                         zero_stage=0, global_batch_size=32, micro_batch_size=32, max_steps=150, lr=1e-3,
                         warmup_steps=5, checkpoint_every=150))
     out = root / "ppo"
-    killed = kill_training_worker_after(out, 2)
+    killed = kill_worker_after(out, 2)
     summary = run(RLConfig(
         algorithm="ppo", init_from=toy["init"], reward_path=str(root / "reward"), data=toy["train"],
         eval_file=toy["eval"], output=str(out), num_workers=1, zero_stage=1, rollout_workers=0,

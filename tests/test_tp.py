@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import reference_training
+from conftest import kill_worker_after, reference_training
 from safetensors.torch import load_file
 
 from jobs.checkpoint.layout import latest_checkpoint
@@ -248,7 +248,6 @@ def test_tp_checkpoint_resumes_at_tp1_and_exports_to_hugging_face(tp_run, tp1_re
 @pytest.mark.slow
 def test_killed_tp_worker_resumes_bit_exactly(tp_run):
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from test_pretrain import kill_worker_after
 
     run, cfg = tp_run
     out = run.parent / "tp2-killed"

@@ -37,7 +37,7 @@ from jobs.posttrain.losses import (AdaptiveKLController, entropy_from_logits, ga
                                    whiten)
 from jobs.posttrain.reward import RewardModel, load_reward_model, score_batch
 from jobs.posttrain.rollout import RolloutPool, Sampling, sample
-from jobs.posttrain.worker import PostTrainRun, _permutation, save, start
+from jobs.posttrain.worker import PostTrainRun, epoch_permutation, save, start
 from jobs.train.worker import all_reduce_sum, check_finite, finish_worker, is_due
 from model.tokenizer import EOT, decode
 
@@ -164,7 +164,7 @@ def iteration_prompts(rl: RL, it: int) -> list[PromptItem]:
     out = []
     for g in range(it * P, (it + 1) * P):
         epoch, pos = divmod(g, n)
-        out.append(rl.train_items[int(_permutation(n, rl.cfg.seed, epoch)[pos])])
+        out.append(rl.train_items[int(epoch_permutation(n, rl.cfg.seed, epoch)[pos])])
     return out
 
 

@@ -104,12 +104,13 @@ def batch_indices(n: int, step: int, cfg: PostTrainConfig, rank: int, world: int
     out = []
     for g in range(start_at, start_at + cfg.micro_batch_size):
         epoch, pos = divmod(g, n)
-        out.append(int(_permutation(n, cfg.seed, epoch)[pos]))
+        out.append(int(epoch_permutation(n, cfg.seed, epoch)[pos]))
     return out
 
 
 @functools.lru_cache(maxsize=4)
-def _permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The order of n examples in one pass over them: a function of (seed, epoch) only."""
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
