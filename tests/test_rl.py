@@ -302,6 +302,8 @@ def test_rl_spec_reserves_its_rollout_actors():
     base = {"kind": "rl", "init_from": "a", "data": "b.jsonl", "output": "c", "num_workers": 2}
     assert resources(spec_adapter.validate_python(base))["cpus"] == 2
     assert resources(spec_adapter.validate_python({**base, "rollout_workers": 3, "rollout_cpus": 2}))["cpus"] == 8
+    gpu = {**base, "rollout_workers": 3, "use_gpu": True}
+    assert resources(spec_adapter.validate_python(gpu)) == {"cpus": 5, "gpus": 5}  # 2 trainers + 3 rollout actors
 
 
 def test_rollout_pool_that_cannot_be_placed_names_the_fields(ray_local, monkeypatch):
@@ -309,5 +311,9 @@ def test_rollout_pool_that_cannot_be_placed_names_the_fields(ray_local, monkeypa
     from model import ModelConfig
 
     monkeypatch.setattr(rollout, "READY_TIMEOUT_S", 3)
+    model = ModelConfig(**TOY_MODEL, vocab_size=300).model_dump(mode="json")
     with pytest.raises(RuntimeError, match="rollout_workers: 2 rollout actors of rollout_cpus 64"):
-        rollout.RolloutPool(2, ModelConfig(**TOY_MODEL, vocab_size=300).model_dump(mode="json"), 64, 0)
+        rollout.RolloutPool(2, model, 64, 0)
+    # on a cluster without GPUs, use_gpu's rollout actors cannot be placed either: named, not a hang
+    with pytest.raises(RuntimeError, match=r"rollout_cpus 1 and a GPU each \(use_gpu\)"):
+        rollout.RolloutPool(1, model, 1, 0, use_gpu=True)

@@ -136,7 +136,7 @@ class RLConfig(PostTrainConfig):
     """Weight of an entropy bonus in the policy loss (0: entropy is logged only)."""
     rollout_workers: int = Field(0, ge=0)
     """0: colocated, the training workers generate their own rollouts. N > 0: split, a pool of N Ray
-    actors generates and receives the new weights after every update."""
+    actors generates and receives the new weights after every update (a GPU each with `use_gpu`)."""
     rollout_cpus: float = Field(1.0, gt=0)
     """CPUs reserved by each rollout actor (split mode)."""
     rollout_retries: int = Field(3, ge=0)

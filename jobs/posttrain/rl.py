@@ -523,7 +523,8 @@ def setup(config: dict) -> RL:
             reward_model=reward_model, kl=kl, kl_coef=kl_coef)
     if cfg.rollout_workers:  # only rank 0 talks to the actors
         if w.rank == 0:
-            rl.pool = RolloutPool(cfg.rollout_workers, config["model"], cfg.rollout_cpus, cfg.rollout_retries)
+            rl.pool = RolloutPool(cfg.rollout_workers, config["model"], cfg.rollout_cpus, cfg.rollout_retries,
+                                  cfg.use_gpu)
         sd = actor_weights(rl)
         if w.rank == 0:
             print(f"rollout pool: {cfg.rollout_workers} actors, first weight sync {rl.pool.load_weights(sd):.3f} s",
