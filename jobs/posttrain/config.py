@@ -163,10 +163,6 @@ class RLConfig(PostTrainConfig):
             raise ValueError("samples_per_prompt: GRPO compares samples of one prompt, it needs at least 2")
         if self.algorithm == "ppo" and not self.reward_path:
             raise ValueError("reward_path: PPO needs a jobs.reward checkpoint")
-        if self.zero_stage == 3:
-            # Rollouts and held-out evaluation run the training worker's module as is; under ZeRO-3
-            # it holds only a shard of every parameter.
-            raise ValueError("zero_stage: 3 is not supported by RL (generation needs whole weights); use 0, 1 or 2")
         if self.rollout_size % self.global_batch_size:
             raise ValueError(f"global_batch_size ({self.global_batch_size}) must divide prompts_per_iteration x "
                              f"samples_per_prompt ({self.rollout_size})")
