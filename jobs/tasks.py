@@ -18,7 +18,7 @@ with a `verifiable:` section (without `data`, only these):
     rl_train.jsonl                       {"task", "prompt", "answer", "match"}: RL prompts and how to check them
     rl_eval.jsonl                        the held-out items in the same form
     eval/<task>.jsonl                    the held-out items for jobs.evaluate (generative; match `number`
-                                         for addition, `exact` for reverse)
+                                         for addition, `exact` for reverse and first_word)
     verifiable_sft_train.jsonl           {"messages": [...]}: SFT warm-start conversations
     verifiable_sft_val.jsonl             the held-out items as conversations (SFT's eval_file)
     manifest.json                        counts and the resolved config

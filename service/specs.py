@@ -104,9 +104,11 @@ def resources(spec: JobConfig) -> dict[str, float]:
     the spec: what quotas and the service's admission are checked against.
 
     Training-style jobs reserve `num_workers` x `cpus_per_worker`, an elastic range by its maximum
-    (and a GPU per worker with `use_gpu`), RL's split placement also `rollout_workers` x `rollout_cpus`; `serve` runs `num_replicas` replicas of one CPU (and GPU)
-    each; a sweep runs up to `max_concurrent` trials at once (all `num_samples` when unset), each a
-    Tune actor plus the trial's workers; a job without workers runs in one task.
+    (and a GPU per worker with `use_gpu`); RL's split placement adds `rollout_workers` x
+    `rollout_cpus` (and a GPU per rollout actor with `use_gpu`); `serve` runs `num_replicas`
+    replicas of one CPU (and GPU) each; a sweep runs up to `max_concurrent` trials at once (all
+    `num_samples` when unset), each a Tune actor plus the trial's workers; a job without workers
+    runs in one task.
     """
     if isinstance(spec, TuneConfig):
         one = resources(PretrainConfig.model_validate(spec.trial_base()))
@@ -114,8 +116,9 @@ def resources(spec: JobConfig) -> dict[str, float]:
         return {"cpus": (TRIAL_DRIVER_CPUS + one["cpus"]) * n, "gpus": one["gpus"] * n}
     units = most(getattr(spec, "num_workers", 1)) * getattr(spec, "num_replicas", 1)
     # RL's split placement adds its rollout actors to the training workers
-    cpus = units * getattr(spec, "cpus_per_worker", 1) + getattr(spec, "rollout_workers", 0) * getattr(spec, "rollout_cpus", 0)
-    gpus = units if getattr(spec, "use_gpu", False) else 0
+    rollout = getattr(spec, "rollout_workers", 0)
+    cpus = units * getattr(spec, "cpus_per_worker", 1) + rollout * getattr(spec, "rollout_cpus", 0)
+    gpus = units + rollout if getattr(spec, "use_gpu", False) else 0
     return {"cpus": cpus, "gpus": gpus}
 
 

@@ -153,6 +153,22 @@ def test_grpo_reward_rises_and_logprobs_agree(grpo_run):
         assert all(key in r for r in recs), key
 
 
+def test_grpo_colocated_under_zero3(ray_local, toy, tmp_path):
+    """ZeRO-3 shards every parameter: the workers gather the whole actor to generate (colocated
+    rollouts and held-out evaluation), and the trainer's log-probs still match the rollout's."""
+    from jobs.rl import run
+
+    out = tmp_path / "run"
+    summary = run(grpo_config(toy, out, zero_stage=3, rollout_workers=0, max_steps=2, eval_every=2,
+                              checkpoint_every=2))
+    assert summary["error"] is None and summary["steps"] == 2
+    recs = metrics(out)
+    assert [r["step"] for r in recs] == [0, 1, 2] and recs[-1]["eval_items"] == 64
+    assert max(r["logprob_diff_max"] for r in recs[1:]) <= 1e-5 and all(r["sync_s"] == 0 for r in recs[1:])
+    (start,) = [json.loads(x) for x in (out / "events.jsonl").read_text().splitlines()]
+    assert start["engine"]["zero_stage"] == 3 and start["engine"]["data_parallel_size"] == 2
+
+
 def test_grpo_held_out_accuracy_before_and_after(grpo_run):
     out, _, _ = grpo_run
     recs = metrics(out)
@@ -270,6 +286,8 @@ def test_rl_spec_reserves_its_rollout_actors():
     base = {"kind": "rl", "init_from": "a", "data": "b.jsonl", "output": "c", "num_workers": 2}
     assert resources(spec_adapter.validate_python(base))["cpus"] == 2
     assert resources(spec_adapter.validate_python({**base, "rollout_workers": 3, "rollout_cpus": 2}))["cpus"] == 8
+    gpu = {**base, "rollout_workers": 3, "use_gpu": True}
+    assert resources(spec_adapter.validate_python(gpu)) == {"cpus": 5, "gpus": 5}  # 2 trainers + 3 rollout actors
 
 
 def test_rollout_pool_that_cannot_be_placed_names_the_fields(ray_local, monkeypatch):
@@ -277,5 +295,9 @@ def test_rollout_pool_that_cannot_be_placed_names_the_fields(ray_local, monkeypa
     from model import ModelConfig
 
     monkeypatch.setattr(rollout, "READY_TIMEOUT_S", 3)
+    model = ModelConfig(**TOY_MODEL, vocab_size=300).model_dump(mode="json")
     with pytest.raises(RuntimeError, match="rollout_workers: 2 rollout actors of rollout_cpus 64"):
-        rollout.RolloutPool(2, ModelConfig(**TOY_MODEL, vocab_size=300).model_dump(mode="json"), 64, 0)
+        rollout.RolloutPool(2, model, 64, 0)
+    # on a cluster without GPUs, use_gpu's rollout actors cannot be placed either: named, not a hang
+    with pytest.raises(RuntimeError, match=r"rollout_cpus 1 and a GPU each \(use_gpu\)"):
+        rollout.RolloutPool(1, model, 1, 0, use_gpu=True)

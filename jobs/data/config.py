@@ -125,8 +125,10 @@ class PrepareConfig(JobConfig):
 class VerifiableConfig(Section):
     """Verifiable tasks (jobs.data.verifiable): answers a rule checks, for RL with verifiable rewards."""
 
-    tasks: list[Literal["addition", "reverse"]] = Field(min_length=1)
-    """`addition` ("What is 37+58?", numeric answer) and/or `reverse` ("Reverse the letters: k m q z", exact match)."""
+    tasks: list[Literal["addition", "reverse", "first_word"]] = Field(min_length=1)
+    """`addition` ("What is 37+58?", numeric answer), `reverse` ("Reverse the letters: k m q z", exact match),
+    `first_word` ("First word of: king moon sword" -> "king", exact match; its SFT replies are a random
+    word of the prompt: the format, not the rule, so RL has headroom). 6840 distinct first_word prompts."""
     eval_items: int = Field(500, ge=1)
     """Held-out items per task (eval/<task>.jsonl and rl_eval.jsonl); no training item shares their operands or letters."""
     sft_items: int = Field(1000, ge=1)

@@ -136,7 +136,7 @@ class RLConfig(PostTrainConfig):
     """Weight of an entropy bonus in the policy loss (0: entropy is logged only)."""
     rollout_workers: int = Field(0, ge=0)
     """0: colocated, the training workers generate their own rollouts. N > 0: split, a pool of N Ray
-    actors generates and receives the new weights after every update."""
+    actors generates and receives the new weights after every update (a GPU each with `use_gpu`)."""
     rollout_cpus: float = Field(1.0, gt=0)
     """CPUs reserved by each rollout actor (split mode)."""
     rollout_retries: int = Field(3, ge=0)
@@ -163,10 +163,6 @@ class RLConfig(PostTrainConfig):
             raise ValueError("samples_per_prompt: GRPO compares samples of one prompt, it needs at least 2")
         if self.algorithm == "ppo" and not self.reward_path:
             raise ValueError("reward_path: PPO needs a jobs.reward checkpoint")
-        if self.zero_stage == 3:
-            # Rollouts and held-out evaluation run the training worker's module as is; under ZeRO-3
-            # it holds only a shard of every parameter.
-            raise ValueError("zero_stage: 3 is not supported by RL (generation needs whole weights); use 0, 1 or 2")
         if self.rollout_size % self.global_batch_size:
             raise ValueError(f"global_batch_size ({self.global_batch_size}) must divide prompts_per_iteration x "
                              f"samples_per_prompt ({self.rollout_size})")

@@ -18,6 +18,7 @@ right-padded, with a mask; the RL math in jobs.posttrain.losses works on these.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Literal
@@ -95,6 +96,22 @@ class ActorCritic(torch.nn.Module):
 
 def actor_of(module):
     return module.actor if isinstance(module, ActorCritic) else module
+
+
+@contextlib.contextmanager
+def whole_actor(engine):
+    """The actor with whole weights, for generating in a training worker. Under ZeRO-3 each
+    worker holds a shard of every parameter: gather them for the duration (collective, so every
+    worker enters; the same gather DeepSpeed's own forward does layer by layer, here at once,
+    which needs room for one whole copy of the actor)."""
+    actor = actor_of(engine.module)
+    if engine.zero_optimization_stage() != 3:
+        yield actor
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(actor.parameters()), modifier_rank=None):
+        yield actor
 
 
 def build_module(cfg: RLConfig, config: dict):
@@ -183,7 +200,8 @@ def rollout(rl: RL, it: int) -> Samples:
     retries = 0
     t0 = time.perf_counter()
     if cfg.rollout_workers == 0:  # colocated: generate with this worker's own copy of the actor
-        r = sample(actor_of(rl.run.engine.module), ids[lo:hi], rl.sampling, rollout_seed(cfg, it, w.rank))
+        with whole_actor(rl.run.engine) as actor:
+            r = sample(actor, ids[lo:hi], rl.sampling, rollout_seed(cfg, it, w.rank))
         tokens, logprobs = r.tokens, r.logprobs
     else:  # split: rank 0 drives the pool, every worker receives its share
         box = [None]
@@ -433,16 +451,16 @@ def evaluate(rl: RL) -> dict:
 
     w = rl.run.w
     mine = rl.eval_items[w.rank :: w.world]
-    model = actor_of(rl.run.engine.module)
     correct = score_sum = 0.0
-    for i in range(0, len(mine), 64):
-        batch = mine[i : i + 64]
-        ids = prompt_ids(batch, rl.tok, rl.max_prompt)
-        outs = complete_batch(model, ids, rl.cfg.max_new_tokens, rl.sampling.stop_ids)
-        correct += sum(is_correct(decode(rl.tok, o), it.answer, it.match) for it, o in zip(batch, outs))
-        if rl.reward_model is not None:  # the same prompts every time: no prompt-to-prompt noise
-            rows = [p + o + [rl.sampling.stop_ids[0]] for p, o in zip(ids, outs)]
-            score_sum += float(score_batch(rl.reward_model, rows, rl.pad_id, w.device).sum())
+    with whole_actor(rl.run.engine) as model:  # once for all batches: workers may have unequal shares
+        for i in range(0, len(mine), 64):
+            batch = mine[i : i + 64]
+            ids = prompt_ids(batch, rl.tok, rl.max_prompt)
+            outs = complete_batch(model, ids, rl.cfg.max_new_tokens, rl.sampling.stop_ids)
+            correct += sum(is_correct(decode(rl.tok, o), it.answer, it.match) for it, o in zip(batch, outs))
+            if rl.reward_model is not None:  # the same prompts every time: no prompt-to-prompt noise
+                rows = [p + o + [rl.sampling.stop_ids[0]] for p, o in zip(ids, outs)]
+                score_sum += float(score_batch(rl.reward_model, rows, rl.pad_id, w.device).sum())
     rl.run.engine.train()
     c, s, n = all_reduce_sum([correct, score_sum, float(len(mine))])
     return {"eval_accuracy": c / n, "eval_correct": int(c), "eval_items": int(n),
@@ -523,7 +541,8 @@ def setup(config: dict) -> RL:
             reward_model=reward_model, kl=kl, kl_coef=kl_coef)
     if cfg.rollout_workers:  # only rank 0 talks to the actors
         if w.rank == 0:
-            rl.pool = RolloutPool(cfg.rollout_workers, config["model"], cfg.rollout_cpus, cfg.rollout_retries)
+            rl.pool = RolloutPool(cfg.rollout_workers, config["model"], cfg.rollout_cpus, cfg.rollout_retries,
+                                  cfg.use_gpu)
         sd = actor_weights(rl)
         if w.rank == 0:
             print(f"rollout pool: {cfg.rollout_workers} actors, first weight sync {rl.pool.load_weights(sd):.3f} s",

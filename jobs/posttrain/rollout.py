@@ -62,9 +62,10 @@ def sample(model: GPT, prompts: list[list[int]], s: Sampling, seed: int) -> Roll
 class RolloutWorker:
     """A Ray actor holding a plain copy of the policy for generation (split placement)."""
 
-    def __init__(self, model_config: dict, threads: int):
+    def __init__(self, model_config: dict, threads: int, use_gpu: bool = False):
         torch.set_num_threads(threads)
-        self.model = GPT(ModelConfig.model_validate(model_config)).eval().requires_grad_(False)
+        device = "cuda" if use_gpu else "cpu"  # Ray sets CUDA_VISIBLE_DEVICES to the actor's GPU
+        self.model = GPT(ModelConfig.model_validate(model_config)).to(device).eval().requires_grad_(False)
         self.calls = 0
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
@@ -94,10 +95,10 @@ def split_evenly(n: int, parts: int) -> list[tuple[int, int]]:
 class RolloutPool:
     """N rollout actors, kept at N: a dead one is replaced and the work it had is retried."""
 
-    def __init__(self, n: int, model_config: dict, cpus: float, retries: int):
+    def __init__(self, n: int, model_config: dict, cpus: float, retries: int, use_gpu: bool = False):
         import ray
 
-        self.model_config, self.cpus, self.retries = model_config, cpus, retries
+        self.model_config, self.cpus, self.retries, self.use_gpu = model_config, cpus, retries, use_gpu
         self.tag = uuid.uuid4().hex[:8]
         self.weights = None  # ObjectRef of the newest actor weights, for replacements
         self.actor_cls = ray.remote(RolloutWorker)
@@ -114,8 +115,9 @@ class RolloutPool:
             ray.get([a.num_calls.remote() for a in self.actors], timeout=timeout)
         except ray.exceptions.GetTimeoutError:
             self.shutdown()
-            raise RuntimeError(f"rollout_workers: {len(self.actors)} rollout actors of rollout_cpus {self.cpus} "
-                               f"were not placed within {timeout:.0f} s; the cluster needs these CPUs besides the "
+            gpus = " and a GPU each (use_gpu)" if self.use_gpu else ""
+            raise RuntimeError(f"rollout_workers: {len(self.actors)} rollout actors of rollout_cpus {self.cpus}{gpus} "
+                               f"were not placed within {timeout:.0f} s; the cluster needs these besides the "
                                "training workers'") from None
         except ray.exceptions.RayActorError:
             pass  # one died already: the first weight sync replaces it
@@ -123,8 +125,8 @@ class RolloutPool:
     def _new_actor(self, i: int):
         # Named, so that an operator (or a test) can find the pool: raylm-rl-rollout-<pool>-<i>-<n>.
         name = f"{ACTOR_PREFIX}-{self.tag}-{i}-{uuid.uuid4().hex[:4]}"
-        return self.actor_cls.options(num_cpus=self.cpus, name=name, max_restarts=0).remote(
-            self.model_config, max(1, int(self.cpus)))
+        options = {"num_cpus": self.cpus, "num_gpus": int(self.use_gpu), "name": name, "max_restarts": 0}
+        return self.actor_cls.options(**options).remote(self.model_config, max(1, int(self.cpus)), self.use_gpu)
 
     def _replace_dead(self) -> int:
         """Replace every actor that does not answer; returns how many were replaced."""
